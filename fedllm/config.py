@@ -1,0 +1,249 @@
+"""Every option of fedllm, in one documented place.
+
+Three groups, parsed with ``transformers.HfArgumentParser`` from flags or from a YAML/JSON file
+given as ``--config FILE`` (flags given as well override the file):
+
+* :class:`FederationArguments` -- the federation's shared settings. They are set once on the
+  server and served to every client (``GET /v1/config``); a client never overrides them.
+* :class:`ServerArguments` -- how the parameter server runs (state, network, auth).
+* :class:`ClientArguments` -- local-only settings of one data owner (data, batch size, device).
+
+Argument names follow OpenFedLLM where it has one (``--fed_alg``, ``--num_clients``,
+``--sample_clients``, ``--num_rounds``, ``--max_steps``, ``--peft_lora_r`` ...).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+FEDERATION_ARGUMENT_NAMES: tuple[str, ...]  # filled in below the class
+
+T = TypeVar("T")
+
+
+def _default_workers() -> int:
+    # Like gunicorn itself: WEB_CONCURRENCY when set, else 2.
+    return int(os.environ.get("WEB_CONCURRENCY", "2"))
+
+
+@dataclass
+class FederationArguments:
+    """Shared by the whole federation; owned by the server and served to clients."""
+
+    # --- model and task ---
+    model_name_or_path: str | None = field(
+        default=None,
+        metadata={"help": "Base model: a Hugging Face model id or a local directory. The server "
+                          "reads only its config; each client loads the weights."},
+    )
+    task: str = field(default="sft", metadata={"help": "Local training task.", "choices": ["sft", "dpo"]})
+    template: str = field(
+        default="alpaca",
+        metadata={"help": "Prompt template applied by every client (alpaca, vicuna_v1.1, chat)."},
+    )
+    seq_length: int = field(default=512, metadata={"help": "Maximum tokens per training example."})
+
+    # --- LoRA ---
+    peft_lora_r: int = field(default=8, metadata={"help": "LoRA rank."})
+    peft_lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha (scaling = alpha / r)."})
+    peft_lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout."})
+    target_modules: str | None = field(
+        default=None,
+        metadata={"help": "Comma-separated module names to adapt; default depends on the "
+                          "architecture (q_proj,v_proj for Llama/Mistral/Qwen, c_attn for GPT-2)."},
+    )
+
+    # --- federation ---
+    fed_alg: str = field(default="fedavg", metadata={"help": "Federated algorithm (see fedllm.algorithms)."})
+    num_clients: int = field(default=2, metadata={"help": "Clients in the federation; round 1 starts when this many have joined."})
+    sample_clients: int = field(default=2, metadata={"help": "Clients sampled per round (seeded)."})
+    num_rounds: int = field(default=10, metadata={"help": "Federated rounds."})
+    round_timeout: float = field(
+        default=3600.0,
+        metadata={"help": "Seconds after a round starts at which it closes with the updates it has "
+                          "(at least --min_fit_clients); 0 waits forever."},
+    )
+    min_fit_clients: int = field(
+        default=1, metadata={"help": "Fewest updates a round may close with at its deadline."}
+    )
+    seed: int = field(default=2023, metadata={"help": "Seed for client sampling and the initial adapter."})
+
+    # --- local training, set per round by the server ---
+    max_steps: int = field(default=10, metadata={"help": "Local optimizer steps per round."})
+    learning_rate: float = field(default=2e-5, metadata={"help": "Local learning rate (round 1)."})
+    lr_schedule: str = field(
+        default="constant",
+        metadata={"help": "Learning rate across rounds: constant, or cosine from --learning_rate "
+                          "down to --min_learning_rate (OpenFedLLM's schedule).",
+                  "choices": ["constant", "cosine"]},
+    )
+    min_learning_rate: float = field(default=1e-6, metadata={"help": "Final learning rate of the cosine schedule."})
+
+    # --- wire ---
+    wire_dtype: str = field(
+        default="float32",
+        metadata={"help": "Dtype of tensors on the wire; aggregation is always float32.",
+                  "choices": ["float32", "bfloat16", "float16"]},
+    )
+
+    # --- algorithm hyperparameters ---
+    prox_mu: float = field(default=0.01, metadata={"help": "FedProx proximal weight mu."})
+    server_momentum: float = field(default=0.9, metadata={"help": "FedAvgM server momentum beta."})
+    server_lr: float = field(default=1.0, metadata={"help": "FedAvgM server learning rate eta_s."})
+    fedopt_eta: float = field(default=1e-3, metadata={"help": "FedAdagrad/FedYogi/FedAdam server learning rate eta."})
+    fedopt_tau: float = field(default=1e-3, metadata={"help": "FedAdagrad/FedYogi/FedAdam adaptivity tau."})
+    fedopt_beta1: float = field(default=0.9, metadata={"help": "FedYogi/FedAdam first-moment decay beta1."})
+    fedopt_beta2: float = field(default=0.99, metadata={"help": "FedYogi/FedAdam second-moment decay beta2."})
+    trim_ratio: float = field(default=0.1, metadata={"help": "FedTrimmedAvg: fraction trimmed at each end."})
+    krum_malicious: int = field(default=1, metadata={"help": "Krum: assumed number of malicious clients f."})
+    krum_keep: int = field(default=1, metadata={"help": "Krum: updates averaged (1 = Krum, >1 = multi-Krum)."})
+    max_update_norm: float = field(
+        default=0.0, metadata={"help": "Clip each client delta to this L2 norm before aggregation; 0 = off."}
+    )
+    dpo_beta: float = field(default=0.1, metadata={"help": "DPO beta."})
+
+    # --- outputs ---
+    save_model_freq: int = field(
+        default=10, metadata={"help": "Write a PEFT adapter directory every N rounds (the final one always)."}
+    )
+
+    def validate(self) -> None:
+        problems = []
+        if not self.model_name_or_path:
+            problems.append("--model_name_or_path is required")
+        if self.num_clients < 1:
+            problems.append("--num_clients must be at least 1")
+        if not 1 <= self.sample_clients <= self.num_clients:
+            problems.append("--sample_clients must be between 1 and --num_clients")
+        if not 1 <= self.min_fit_clients <= self.sample_clients:
+            problems.append("--min_fit_clients must be between 1 and --sample_clients")
+        if self.num_rounds < 1 or self.max_steps < 1:
+            problems.append("--num_rounds and --max_steps must be at least 1")
+        if self.learning_rate <= 0:
+            problems.append("--learning_rate must be positive")
+        if self.round_timeout < 0:
+            problems.append("--round_timeout must be >= 0")
+        if self.template not in ("alpaca", "vicuna_v1.1", "chat"):
+            problems.append(f"unknown --template {self.template!r}")
+        if problems:
+            raise ValueError("; ".join(problems))
+
+    def target_module_list(self) -> list[str] | None:
+        if not self.target_modules:
+            return None
+        return [m.strip() for m in self.target_modules.split(",") if m.strip()]
+
+
+@dataclass
+class ServerArguments:
+    """How the parameter server runs."""
+
+    state_dir: str = field(default="./fl-state", metadata={"help": "Directory holding all server state; restart on it to resume."})
+    host: str = field(default="0.0.0.0", metadata={"help": "Address to listen on."})
+    port: int = field(default=8080, metadata={"help": "Port to listen on."})
+    workers: int = field(
+        default_factory=_default_workers,
+        metadata={"help": "gunicorn worker processes (default: $WEB_CONCURRENCY, else 2)."},
+    )
+    threads: int = field(default=4, metadata={"help": "Threads per gunicorn worker."})
+    timeout: int = field(default=120, metadata={"help": "gunicorn worker timeout in seconds."})
+    certfile: str | None = field(default=None, metadata={"help": "TLS certificate (PEM) for HTTPS."})
+    keyfile: str | None = field(default=None, metadata={"help": "TLS private key (PEM) for HTTPS."})
+    auth_tokens: str | None = field(
+        default=None,
+        metadata={"help": "JSON file of client id -> token hash. When set, every endpoint but "
+                          "/healthz needs 'Authorization: Bearer <token>'. Add clients with "
+                          "'server_http.py add-client'."},
+    )
+    max_upload_mb: float = field(
+        default=0.0, metadata={"help": "Largest accepted upload in MiB; 0 = twice the adapter size plus 1 MiB."}
+    )
+    output_dir: str | None = field(
+        default=None, metadata={"help": "Where PEFT adapter directories are written (default: STATE_DIR/adapters)."}
+    )
+    log_level: str = field(default="INFO", metadata={"help": "Logging level."})
+
+
+@dataclass
+class ClientArguments:
+    """Local-only settings of one data owner."""
+
+    server_url: str = field(default="http://127.0.0.1:8080", metadata={"help": "Base URL of the parameter server."})
+    client_id: str | None = field(default=None, metadata={"help": "This client's id (letters, digits, '.', '_', '-')."})
+    token: str | None = field(
+        default=None, metadata={"help": "Bearer token (default: $FEDLLM_TOKEN). Prefer the environment to the command line."}
+    )
+    ca_bundle: str | None = field(default=None, metadata={"help": "CA bundle to verify an HTTPS server with."})
+    dataset_name: str | None = field(
+        default=None, metadata={"help": "Local data: a .json/.jsonl/.parquet/.csv file, a folder, or a Hugging Face dataset name."}
+    )
+    dataset_sample: int | None = field(default=None, metadata={"help": "Use at most this many examples (seeded sample)."})
+    dataset_format: str | None = field(default=None, metadata={"help": "Override the detected data format."})
+    field_map: str | None = field(
+        default=None, metadata={"help": "Rename fields before detection, e.g. 'question=instruction,answer=output'."}
+    )
+    model_name_or_path: str | None = field(
+        default=None,
+        metadata={"help": "Local copy of the federation's base model (default: the server's). "
+                          "Its config must match the server's fingerprint."},
+    )
+    output_dir: str = field(default="./fl-client-output", metadata={"help": "Where the final global adapter and client state go."})
+    batch_size: int = field(default=16, metadata={"help": "Per-device training batch size."})
+    gradient_accumulation_steps: int = field(default=1, metadata={"help": "Gradient accumulation steps."})
+    device: str = field(default="auto", metadata={"help": "auto (GPU when present), cpu, cuda, cuda:N."})
+    bf16: bool | None = field(default=None, metadata={"help": "Train in bf16 (default: on GPUs that support it)."})
+    gradient_checkpointing: bool | None = field(default=None, metadata={"help": "Gradient checkpointing (default: on GPU)."})
+    load_in_8bit: bool = field(default=False, metadata={"help": "Load the base model in 8 bits (bitsandbytes)."})
+    load_in_4bit: bool = field(default=False, metadata={"help": "Load the base model in 4 bits (bitsandbytes)."})
+    poll_interval: float = field(default=2.0, metadata={"help": "Seconds between polls while waiting (grows with backoff)."})
+    max_poll_interval: float = field(default=30.0, metadata={"help": "Longest wait between polls."})
+    request_timeout: float = field(default=300.0, metadata={"help": "Seconds before an HTTP request is given up."})
+    max_retries: int = field(default=8, metadata={"help": "Retries of a request on network errors and 5xx."})
+    quiet: bool = field(default=False, metadata={"help": "No progress bars."})
+    seed: int = field(default=42, metadata={"help": "Local seed (data sampling, dropout)."})
+
+    def resolved_token(self) -> str | None:
+        return self.token or os.environ.get("FEDLLM_TOKEN") or None
+
+
+FEDERATION_ARGUMENT_NAMES = tuple(f.name for f in dataclasses.fields(FederationArguments))
+
+
+def _load_config_file(path: str) -> dict[str, Any]:
+    text = Path(path).read_text()
+    if path.endswith((".yaml", ".yml")):
+        import yaml
+
+        data = yaml.safe_load(text) or {}
+    else:
+        data = json.loads(text)
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a mapping of option names to values")
+    return data
+
+
+def parse_args(dataclass_types: tuple[type, ...], argv: list[str] | None = None) -> tuple[Any, ...]:
+    """Parse flags (and an optional ``--config FILE``) into instances of ``dataclass_types``."""
+    from transformers import HfArgumentParser
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = HfArgumentParser(dataclass_types)
+    parser.add_argument("--config", default=None, help="YAML or JSON file of options; flags override it.")
+    if "--config" in argv:
+        i = argv.index("--config")
+        file_values = _load_config_file(argv[i + 1])
+        known = {a.dest for a in parser._actions}
+        unknown = sorted(set(file_values) - known)
+        if unknown:
+            raise SystemExit(f"--config {argv[i + 1]}: unknown options {unknown}")
+        parser.set_defaults(**file_values)
+    *parsed, rest = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    return tuple(p for p in parsed if not isinstance(p, type(None)) and dataclasses.is_dataclass(p))
