@@ -168,6 +168,9 @@ class ServerArguments:
         default=None, metadata={"help": "Where PEFT adapter directories are written (default: STATE_DIR/adapters)."}
     )
     log_level: str = field(default="INFO", metadata={"help": "Logging level."})
+    use_gunicorn: bool = field(
+        default=False, metadata={"help": "Serve with gunicorn (run_server.sh sets this); otherwise Flask's development server."}
+    )
 
 
 @dataclass

@@ -1,0 +1,160 @@
+"""The wire format shared by server and client: safetensors files, validated before use.
+
+Nothing received over the network is unpickled or eval'd. An upload is checked structurally
+here (header length, JSON, dtypes, shapes, offsets that tile the data exactly) before the
+safetensors library opens it, then against the expected tensor names, shapes and dtype, and
+finally for finite values, one tensor at a time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import struct
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save as _save_bytes
+
+# safetensors dtype code -> (torch dtype, bytes per element); only floating types travel.
+WIRE_DTYPES: dict[str, tuple[torch.dtype, int]] = {
+    "F32": (torch.float32, 4),
+    "BF16": (torch.bfloat16, 2),
+    "F16": (torch.float16, 2),
+}
+# Every dtype code the safetensors format defines; other codes are malformed input.
+KNOWN_DTYPE_SIZES = {
+    "BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
+    "I32": 4, "U32": 4, "F32": 4, "F64": 8, "I64": 8, "U64": 8,
+}
+DTYPE_CODE = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
+MAX_HEADER_BYTES = 16 * 1024 * 1024
+CHUNK = 1 << 20
+
+
+class WireError(ValueError):
+    """An upload that is not acceptable; ``status`` is the HTTP status to answer with."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+def encode(tensors: Mapping[str, torch.Tensor], wire_dtype: str = "float32", metadata: Mapping[str, str] | None = None) -> bytes:
+    """Serialize ``tensors`` as safetensors bytes in ``wire_dtype``."""
+    dtype = WIRE_DTYPES[DTYPE_CODE[wire_dtype]][0]
+    prepared = {k: v.detach().to("cpu", dtype).contiguous() for k, v in tensors.items()}
+    return _save_bytes(prepared, metadata=dict(metadata) if metadata else None)
+
+
+def decode_file(path: str | Path) -> dict[str, torch.Tensor]:
+    """Load a (validated) safetensors file as float32 tensors."""
+    with safe_open(str(path), framework="pt") as f:
+        return {k: f.get_tensor(k).to(torch.float32) for k in f.keys()}
+
+
+def read_metadata(path: str | Path) -> dict[str, str]:
+    with safe_open(str(path), framework="pt") as f:
+        return dict(f.metadata() or {})
+
+
+def sha256_file(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _reject_duplicates(pairs: list[tuple[str, object]]) -> dict:
+    keys = [k for k, _ in pairs]
+    if len(keys) != len(set(keys)):
+        raise WireError(400, "safetensors header has duplicate tensor names")
+    return dict(pairs)
+
+
+def parse_header(path: str | Path) -> tuple[dict[str, dict], dict[str, str]]:
+    """Check the structure of a safetensors file; return ``(tensors, metadata)`` from its header.
+
+    Raises :class:`WireError` (400) for anything that is not a well-formed safetensors file.
+    """
+    path = Path(path)
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        prefix = f.read(8)
+        if len(prefix) < 8:
+            raise WireError(400, "body is not a safetensors file (shorter than its 8-byte header length)")
+        (header_len,) = struct.unpack("<Q", prefix)
+        if header_len > MAX_HEADER_BYTES or 8 + header_len > size:
+            raise WireError(400, f"safetensors header length {header_len} exceeds the body ({size} bytes)")
+        raw = f.read(header_len)
+    try:
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_reject_duplicates)
+    except WireError:
+        raise
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise WireError(400, f"safetensors header is not valid JSON: {exc}") from None
+    if not isinstance(header, dict):
+        raise WireError(400, "safetensors header is not a JSON object")
+    metadata = header.pop("__metadata__", {}) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+        raise WireError(400, "safetensors __metadata__ must map strings to strings")
+    data_len = size - 8 - header_len
+    spans = []
+    for name, info in header.items():
+        if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
+            raise WireError(400, f"tensor {name!r}: header entry must have exactly dtype, shape, data_offsets")
+        dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+        if dtype not in KNOWN_DTYPE_SIZES:
+            raise WireError(400, f"tensor {name!r}: unknown dtype {dtype!r}")
+        if not isinstance(shape, list) or not all(type(d) is int and 0 <= d < 2**40 for d in shape):
+            raise WireError(400, f"tensor {name!r}: shape must be a list of non-negative integers")
+        if (
+            not isinstance(offsets, list)
+            or len(offsets) != 2
+            or not all(type(o) is int for o in offsets)
+            or not 0 <= offsets[0] <= offsets[1] <= data_len
+        ):
+            raise WireError(400, f"tensor {name!r}: data_offsets {offsets!r} out of range for {data_len} data bytes")
+        if offsets[1] - offsets[0] != math.prod(shape) * KNOWN_DTYPE_SIZES[dtype]:
+            raise WireError(400, f"tensor {name!r}: data_offsets do not match its shape and dtype")
+        spans.append((offsets[0], offsets[1], name))
+    # The spans must tile the data exactly: no overlap, no hole, nothing trailing.
+    position = 0
+    for begin, end, name in sorted(spans):
+        if begin != position:
+            raise WireError(400, f"tensor {name!r}: data overlaps another tensor or leaves a gap")
+        position = end
+    if position != data_len:
+        raise WireError(400, f"safetensors data is {data_len} bytes but the tensors cover {position}")
+    return header, metadata
+
+
+def validate_tensors_file(
+    path: str | Path, expected: Mapping[str, tuple[int, ...]], wire_dtype: str
+) -> dict[str, str]:
+    """Validate an upload against the expected names and shapes; return its metadata.
+
+    400 for a malformed file; 422 for tensors that do not match (names, shapes, dtype) or are
+    not finite.
+    """
+    header, metadata = parse_header(path)
+    missing = sorted(set(expected) - set(header))
+    extra = sorted(set(header) - set(expected))
+    if missing or extra:
+        raise WireError(422, f"tensor names do not match the global adapter: missing {missing[:5]}, unexpected {extra[:5]}"
+                             + (" ..." if len(missing) > 5 or len(extra) > 5 else ""))
+    code = DTYPE_CODE[wire_dtype]
+    for name, info in header.items():
+        if info["dtype"] != code:
+            raise WireError(422, f"tensor {name!r} has dtype {info['dtype']}, the federation's wire dtype is {code}")
+        if tuple(info["shape"]) != tuple(expected[name]):
+            raise WireError(422, f"tensor {name!r} has shape {info['shape']}, expected {list(expected[name])}")
+    with safe_open(str(path), framework="pt") as f:
+        for name in header:
+            if not torch.isfinite(f.get_tensor(name)).all():
+                raise WireError(422, f"tensor {name!r} has NaN or infinite values")
+    return metadata
