@@ -2,7 +2,14 @@
 
 Adding one is a new module with a :class:`~fedllm.algorithms.base.FedAlgorithm` subclass plus
 one line in ``BUILTIN``. Third-party packages register theirs under the entry-point group
-``fedllm.algorithms`` (name -> ``module:Class``).
+``fedllm.algorithms`` (name -> ``module:Class``), e.g. in their ``pyproject.toml``::
+
+    [project.entry-points."fedllm.algorithms"]
+    fedclipavg = "my_fedllm_plugin.fedclipavg:FedClipAvg"
+
+after which ``--fed_alg fedclipavg`` selects it on a server where that package is installed
+(a built-in name always wins over an entry point of the same name). ``docs/algorithms.md``
+walks through a complete example.
 """
 
 from __future__ import annotations
@@ -11,7 +18,9 @@ from importlib.metadata import entry_points
 from typing import Any
 
 from .base import (
+    CONTROL_PREFIX,
     ClientHook,
+    ClippedUpdate,
     FedAlgorithm,
     InMemoryUpdate,
     MeanDeltaAlgorithm,
@@ -19,10 +28,30 @@ from .base import (
     run_aggregation,
     weighted_mean_delta,
 )
+from .fedadagrad import FedAdagrad
+from .fedadam import FedAdam
 from .fedavg import FedAvg
+from .fedavgm import FedAvgM
+from .fedmedian import FedMedian
+from .fedopt import FedOpt
+from .fedprox import FedProx
+from .fedtrimmedavg import FedTrimmedAvg
+from .fedyogi import FedYogi
+from .krum import Krum
+from .scaffold import Scaffold
+from .schedule import cosine_learning_rate, round_learning_rate
 
 BUILTIN: dict[str, type[FedAlgorithm]] = {
     FedAvg.name: FedAvg,
+    FedProx.name: FedProx,
+    Scaffold.name: Scaffold,
+    FedAvgM.name: FedAvgM,
+    FedAdagrad.name: FedAdagrad,
+    FedYogi.name: FedYogi,
+    FedAdam.name: FedAdam,
+    FedMedian.name: FedMedian,
+    FedTrimmedAvg.name: FedTrimmedAvg,
+    Krum.name: Krum,
 }
 
 ENTRY_POINT_GROUP = "fedllm.algorithms"
@@ -43,6 +72,8 @@ def get_algorithm(name: str, config: Any) -> FedAlgorithm:
 
 
 __all__ = [
-    "BUILTIN", "ENTRY_POINT_GROUP", "ClientHook", "FedAlgorithm", "InMemoryUpdate", "MeanDeltaAlgorithm",
-    "Update", "available_algorithms", "get_algorithm", "run_aggregation", "weighted_mean_delta",
+    "BUILTIN", "CONTROL_PREFIX", "ENTRY_POINT_GROUP", "ClientHook", "ClippedUpdate", "FedAdagrad", "FedAdam",
+    "FedAlgorithm", "FedAvg", "FedAvgM", "FedMedian", "FedOpt", "FedProx", "FedTrimmedAvg", "FedYogi",
+    "InMemoryUpdate", "Krum", "MeanDeltaAlgorithm", "Scaffold", "Update", "available_algorithms",
+    "cosine_learning_rate", "get_algorithm", "round_learning_rate", "run_aggregation", "weighted_mean_delta",
 ]

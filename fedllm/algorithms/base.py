@@ -12,6 +12,7 @@ Notation used in the docstrings: ``w`` the global adapter, ``Δ_i = w_i − w`` 
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, ClassVar, Protocol
@@ -154,11 +155,56 @@ class MeanDeltaAlgorithm(FedAlgorithm):
         """Return the new global adapter and state given Δ̄."""
 
 
+class ClippedUpdate:
+    """An :class:`Update` whose delta is clipped to L2 norm ``max_norm``: Δ_i ← Δ_i · min(1, C / ‖Δ_i‖).
+
+    ‖Δ_i‖ is taken over all adapter tensors together -- ``control.`` and any other extra tensors
+    are neither counted nor scaled -- and computed lazily, in one pass over the update reading one
+    tensor at a time, at the first ``get`` of an adapter tensor. Updates within the norm are
+    passed through unchanged.
+    """
+
+    def __init__(self, update: Update, adapter_names: Iterable[str], max_norm: float):
+        self.update = update
+        self.client_id = update.client_id
+        self.num_samples = update.num_samples
+        self._adapter_names = dict.fromkeys(adapter_names)  # ordered, with O(1) membership
+        self._max_norm = max_norm
+        self._scale: float | None = None
+
+    def norm(self) -> float:
+        """‖Δ_i‖ over the adapter tensors, one tensor at a time."""
+        return math.sqrt(sum(float(torch.linalg.vector_norm(self.update.get(n))) ** 2 for n in self._adapter_names))
+
+    def scale(self) -> float:
+        if self._scale is None:
+            norm = self.norm()
+            self._scale = self._max_norm / norm if norm > self._max_norm else 1.0
+        return self._scale
+
+    def get(self, name: str) -> torch.Tensor:
+        tensor = self.update.get(name)
+        if name not in self._adapter_names:
+            return tensor
+        scale = self.scale()
+        return tensor if scale == 1.0 else tensor.mul(scale)
+
+    def names(self) -> Iterable[str]:
+        return self.update.names()
+
+
 def run_aggregation(
     algorithm: FedAlgorithm,
     global_params: Mapping[str, torch.Tensor],
     updates: Sequence[Update],
     state: Mapping[str, torch.Tensor],
 ) -> tuple[Tensors, Tensors]:
-    """Aggregate one round: the single entry point used by the HTTP server and the simulation."""
+    """Aggregate one round: the single entry point used by the HTTP server and the simulation.
+
+    With ``config.max_update_norm > 0`` every client delta is first clipped to that L2 norm
+    (see :class:`ClippedUpdate`), so every algorithm sees the clipped deltas.
+    """
+    max_norm = getattr(algorithm.config, "max_update_norm", 0.0) or 0.0
+    if max_norm > 0:
+        updates = [ClippedUpdate(u, global_params.keys(), max_norm) for u in updates]
     return algorithm.aggregate(global_params, updates, state)

@@ -1,0 +1,60 @@
+"""FedOpt (Reddi et al., "Adaptive Federated Optimization", ICLR 2021, Algorithm 2).
+
+The server treats ``−Δ̄`` as a pseudo-gradient and takes one adaptive-optimizer step per round::
+
+    m ← β1·m + (1 − β1)·Δ̄              (FedYogi, FedAdam; FedAdagrad uses m = Δ̄)
+    v ← second_moment(v, Δ̄²)           (per subclass)
+    w ← w + η · m / (√v + τ)
+
+with η = ``--fedopt_eta``, τ = ``--fedopt_tau``, β1 = ``--fedopt_beta1``, β2 = ``--fedopt_beta2``.
+m starts at 0 and v at τ²; there is no bias correction. Both are kept in the state as
+``m.<name>`` and ``v.<name>``.
+"""
+
+from __future__ import annotations
+
+from abc import abstractmethod
+from typing import ClassVar
+
+import torch
+
+from .base import MeanDeltaAlgorithm, Tensors
+
+FIRST_MOMENT_PREFIX = "m."
+SECOND_MOMENT_PREFIX = "v."
+
+
+class FedOpt(MeanDeltaAlgorithm):
+    """Base of FedAdagrad, FedYogi and FedAdam; subclasses define the second-moment update."""
+
+    # Whether the step uses the first moment m (FedYogi, FedAdam) or Δ̄ itself (FedAdagrad).
+    uses_first_moment: ClassVar[bool] = True
+
+    def init_state(self, global_params):
+        tau = self.config.fedopt_tau
+        state: Tensors = {}
+        for k, t in global_params.items():
+            if self.uses_first_moment:
+                state[FIRST_MOMENT_PREFIX + k] = torch.zeros_like(t, dtype=torch.float32)
+            state[SECOND_MOMENT_PREFIX + k] = torch.full_like(t, tau * tau, dtype=torch.float32)
+        return state
+
+    @abstractmethod
+    def second_moment(self, v: torch.Tensor, delta_sq: torch.Tensor) -> torch.Tensor:
+        """The new v given the old v and Δ̄² (must not modify ``v`` in place)."""
+
+    def server_step(self, global_params, mean_delta, state):
+        eta, tau, beta1 = self.config.fedopt_eta, self.config.fedopt_tau, self.config.fedopt_beta1
+        new_global: Tensors = {}
+        new_state: Tensors = {}
+        for k, w in global_params.items():
+            delta = mean_delta[k]
+            if self.uses_first_moment:
+                step = state[FIRST_MOMENT_PREFIX + k].mul(beta1).add_(delta, alpha=1 - beta1)
+                new_state[FIRST_MOMENT_PREFIX + k] = step
+            else:
+                step = delta
+            v = self.second_moment(state[SECOND_MOMENT_PREFIX + k], delta.square())
+            new_state[SECOND_MOMENT_PREFIX + k] = v
+            new_global[k] = w.to(torch.float32) + eta * step / (v.sqrt() + tau)
+        return new_global, new_state
