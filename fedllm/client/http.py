@@ -71,8 +71,8 @@ class FederationClient:
         self.session.headers["X-FedLLM-Client"] = client_id
         if token:
             self.session.headers["Authorization"] = f"Bearer {token}"
-        if ca_bundle:
-            self.session.verify = ca_bundle
+        # Passed on every request: requests would let $REQUESTS_CA_BUNDLE override a session-level setting.
+        self.verify: str | bool = ca_bundle or True
         self.bytes_down = 0
         self.bytes_up = 0
 
@@ -83,7 +83,8 @@ class FederationClient:
         for attempt in range(self.max_retries + 1):
             body = body_factory() if body_factory else None
             try:
-                response = self.session.request(method, url, data=body, timeout=self.timeout, **kwargs)
+                response = self.session.request(method, url, data=body, timeout=self.timeout, verify=self.verify,
+                                                **kwargs)
             except (requests.ConnectionError, requests.Timeout) as exc:
                 if isinstance(exc, requests.exceptions.SSLError):
                     raise
@@ -111,7 +112,7 @@ class FederationClient:
     # --- API ---
     def health(self) -> bool:
         try:
-            return self.session.get(self.base + "/healthz", timeout=10).ok
+            return self.session.get(self.base + "/healthz", timeout=10, verify=self.verify).ok
         except requests.RequestException:
             return False
 
