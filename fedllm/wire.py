@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as _save_bytes
 
 # safetensors dtype code -> (torch dtype, bytes per element); only floating types travel.
@@ -99,7 +99,9 @@ def parse_header(path: str | Path) -> tuple[dict[str, dict], dict[str, str]]:
         raise WireError(400, f"safetensors header is not valid JSON: {exc}") from None
     if not isinstance(header, dict):
         raise WireError(400, "safetensors header is not a JSON object")
-    metadata = header.pop("__metadata__", {}) or {}
+    metadata = header.pop("__metadata__", None)
+    if metadata is None:
+        metadata = {}
     if not isinstance(metadata, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
         raise WireError(400, "safetensors __metadata__ must map strings to strings")
     data_len = size - 8 - header_len
@@ -153,8 +155,11 @@ def validate_tensors_file(
             raise WireError(422, f"tensor {name!r} has dtype {info['dtype']}, the federation's wire dtype is {code}")
         if tuple(info["shape"]) != tuple(expected[name]):
             raise WireError(422, f"tensor {name!r} has shape {info['shape']}, expected {list(expected[name])}")
-    with safe_open(str(path), framework="pt") as f:
-        for name in header:
-            if not torch.isfinite(f.get_tensor(name)).all():
-                raise WireError(422, f"tensor {name!r} has NaN or infinite values")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            for name in header:
+                if not torch.isfinite(f.get_tensor(name)).all():
+                    raise WireError(422, f"tensor {name!r} has NaN or infinite values")
+    except SafetensorError as exc:  # whatever the library rejects beyond the checks above (e.g. lone surrogates)
+        raise WireError(400, f"not a valid safetensors file: {exc}") from None
     return metadata

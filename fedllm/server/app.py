@@ -24,6 +24,9 @@ log = logging.getLogger("fedllm.server")
 CLIENT_HEADER = "X-FedLLM-Client"
 CLIENT_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 SHA256_RE = re.compile(r"[0-9a-fA-F]{64}")
+# ASCII digits only (str.isdigit() also takes '²', which int() refuses), few enough to fit an SQLite INTEGER.
+UINT_RE = re.compile(r"[0-9]{1,15}")
+MAX_NUM_SAMPLES = 10**15 - 1
 
 
 class Ticker:
@@ -54,7 +57,7 @@ def _int_header(name: str, *, minimum: int) -> int:
     raw = request.headers.get(name)
     if raw is None:
         raise ApiError(400, "missing header", f"{name} is required")
-    if not raw.strip().isdigit() or int(raw) < minimum:
+    if not UINT_RE.fullmatch(raw.strip()) or int(raw) < minimum:
         raise ApiError(400, "invalid header", f"{name} must be an integer >= {minimum}, got {raw[:40]!r}")
     return int(raw)
 
@@ -123,8 +126,8 @@ def create_app(federation: Federation, tokens: TokenRegistry | None = None, *, s
         if not isinstance(body, dict):
             raise ApiError(400, "bad json", 'expected a JSON object such as {"num_samples": 100}')
         num_samples = body.get("num_samples")
-        if type(num_samples) is not int or num_samples < 1:
-            raise ApiError(400, "invalid num_samples", "num_samples must be an integer >= 1")
+        if type(num_samples) is not int or not 1 <= num_samples <= MAX_NUM_SAMPLES:
+            raise ApiError(400, "invalid num_samples", f"num_samples must be an integer from 1 to {MAX_NUM_SAMPLES}")
         return jsonify(federation.join(g.client_id, num_samples))
 
     @app.get("/v1/global")
@@ -143,7 +146,7 @@ def create_app(federation: Federation, tokens: TokenRegistry | None = None, *, s
     @app.post("/v1/update")
     def post_update():
         raw_round = request.args.get("round", "")
-        if not raw_round.isdigit():
+        if not UINT_RE.fullmatch(raw_round):
             raise ApiError(400, "invalid round", "POST /v1/update?round=R with R the round number")
         num_samples = _int_header("X-FedLLM-Num-Samples", minimum=1)
         claimed = request.headers.get("X-Content-SHA256")

@@ -55,10 +55,10 @@ BODY_CHUNK = 1 << 20
 class FileUpdate:
     """An accepted update read lazily from its safetensors file (one tensor at a time)."""
 
-    def __init__(self, row: UpdateRow):
+    def __init__(self, row: UpdateRow, path: str | Path | None = None):
         self.client_id = row.client_id
         self.num_samples = row.num_samples
-        self._handle = safe_open(row.path, framework="pt")
+        self._handle = safe_open(str(path or row.path), framework="pt")
 
     def get(self, name: str) -> torch.Tensor:
         return self._handle.get_tensor(name).to(torch.float32)
@@ -160,13 +160,16 @@ class Federation:
         wire_dtype = WIRE_DTYPES[DTYPE_CODE[config.wire_dtype]][0]
         served = {k: v.to(wire_dtype).contiguous() for k, v in adapter.items()}
         served.update({k: v.to(wire_dtype).contiguous() for k, v in algorithm.global_extras(state).items()})
-        metadata = {"format": "pt", "fedllm_version": str(version)}
+        # One metadata key only: safetensors writes a metadata map in hash order, so two keys would make the
+        # bytes (and the sha256 served as ETag) differ between two writes of the same version.
+        metadata = {"format": "pt"}
         gpath = atomic_write(store.global_path(version), lambda tmp: save_file(served, tmp, metadata=metadata))
         state_tensors = {STATE_GLOBAL_PREFIX + k: v.contiguous() for k, v in adapter.items()}
         state_tensors.update({STATE_ALGO_PREFIX + k: v.contiguous() for k, v in state.items()})
         spath = atomic_write(store.state_path(version), lambda tmp: save_file(state_tensors, tmp))
         digest = hashlib.sha256(gpath.read_bytes()).hexdigest()
-        return GlobalRow(version, digest, str(gpath), str(spath), gpath.stat().st_size, time.time())
+        return GlobalRow(version, digest, store.relative(gpath), store.relative(spath), gpath.stat().st_size,
+                         time.time())
 
     # ------------------------------------------------------------------ reads
     def phase(self, db, current: RoundRow | None) -> str:
@@ -226,7 +229,10 @@ class Federation:
         }
 
     def latest_global(self) -> GlobalRow:
-        return self.store.latest_global(self.store.read())
+        """The newest global version, with its file paths resolved against ``state_dir``."""
+        row = self.store.latest_global(self.store.read())
+        return dataclasses.replace(row, path=str(self.store.resolve(row.path)),
+                                   state_path=str(self.store.resolve(row.state_path)))
 
     def history(self) -> list[dict[str, Any]]:
         return self.store.history(self.store.read())
@@ -280,13 +286,17 @@ class Federation:
         db = self.store.read()
         if client_id not in self.store.clients(db):
             raise ApiError(403, "client has not joined", f"POST /v1/join first as {client_id!r}")
-        self._check_can_submit(self.store.current_round(db), client_id, round_number)
+        if self.store.get_update(db, round_number, client_id) is None:  # a retry is answered once its digest is known
+            self._check_can_submit(self.store.current_round(db), client_id, round_number)
 
         incoming = self.store.incoming_dir / f"{client_id}.{os.getpid()}.{time.time_ns()}.part"
         try:
             digest, size = self._stream_to_file(read, incoming, content_length)
             if claimed_sha256 is not None and claimed_sha256.lower() != digest:
                 raise ApiError(400, "checksum mismatch", f"X-Content-SHA256 is {claimed_sha256}, the body's is {digest}")
+            existing = self.store.get_update(self.store.read(), round_number, client_id)
+            if existing is not None:  # a retry (even after the round closed) or a conflicting second update
+                return self._answer_resubmission(existing, client_id, round_number, digest)
             try:
                 metadata = validate_tensors_file(incoming, self.upload_spec, self.config.wire_dtype)
             except WireError as exc:
@@ -299,22 +309,34 @@ class Federation:
         finally:
             incoming.unlink(missing_ok=True)
 
-        with self.store.transaction() as db:
-            current = self.store.current_round(db)
-            existing = self.store.get_update(db, round_number, client_id)
-            if existing is not None:
-                if existing.sha256 == digest:
-                    return {"accepted": True, "duplicate": True, "round": round_number, "sha256": digest}
-                raise ApiError(409, "already submitted", f"client {client_id!r} already sent a different update for round {round_number}")
-            self._check_can_submit(current, client_id, round_number)
-            self.store.insert_update(db, UpdateRow(round_number, client_id, digest, num_samples, str(final), metrics,
-                                                   size, time.time()))
-            self.store.touch_client(db, client_id)
-            received = len(self.store.updates(db, round_number))
-            if received >= len(current.sampled):
-                self.store.set_round_status(db, round_number, "closed")
+        recorded = self.store.relative(final)
+        existing = None
+        try:
+            with self.store.transaction() as db:
+                current = self.store.current_round(db)
+                existing = self.store.get_update(db, round_number, client_id)
+                if existing is not None:  # a concurrent upload from the same client won
+                    return self._answer_resubmission(existing, client_id, round_number, digest)
+                self._check_can_submit(current, client_id, round_number)
+                self.store.insert_update(db, UpdateRow(round_number, client_id, digest, num_samples, recorded, metrics,
+                                                       size, time.time()))
+                self.store.touch_client(db, client_id)
+                received = len(self.store.updates(db, round_number))
+                if received >= len(current.sampled):
+                    self.store.set_round_status(db, round_number, "closed")
+        except ApiError:
+            if existing is None or existing.path != recorded:  # a rejected upload leaves no file behind
+                final.unlink(missing_ok=True)
+            raise
         log.info("round %d: accepted update from %s (%d bytes, %d samples)", round_number, client_id, size, num_samples)
         return {"accepted": True, "duplicate": False, "round": round_number, "sha256": digest}
+
+    @staticmethod
+    def _answer_resubmission(existing: UpdateRow, client_id: str, round_number: int, digest: str) -> dict[str, Any]:
+        if existing.sha256 == digest:
+            return {"accepted": True, "duplicate": True, "round": round_number, "sha256": digest}
+        raise ApiError(409, "already submitted",
+                       f"client {client_id!r} already sent a different update for round {round_number}")
 
     def _stream_to_file(self, read: Callable[[int], bytes], path: Path, content_length: int | None) -> tuple[str, int]:
         digest = hashlib.sha256()
@@ -394,8 +416,9 @@ class Federation:
             started = time.time()
             rows = self.store.updates(db, current.round)
             previous = self.store.latest_global(db)
-            adapter, state = self._load_state(previous.state_path)
-            new_adapter, new_state = run_aggregation(self.algorithm, adapter, [FileUpdate(r) for r in rows], state)
+            adapter, state = self._load_state(str(self.store.resolve(previous.state_path)))
+            updates = [FileUpdate(r, self.store.resolve(r.path)) for r in rows]
+            new_adapter, new_state = run_aggregation(self.algorithm, adapter, updates, state)
             version = current.round
             row = self._write_version(self.store, self.config, self.algorithm, version, new_adapter, new_state)
             is_final = version >= self.config.num_rounds

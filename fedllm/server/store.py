@@ -121,6 +121,14 @@ class Store:
             self._local.conn = None
 
     # --- paths ---
+    def relative(self, path: str | Path) -> str:
+        """How a file under ``state_dir`` is recorded in the database: relative, so the directory can move."""
+        return str(Path(path).resolve().relative_to(self.root))
+
+    def resolve(self, recorded: str) -> Path:
+        """The file a recorded path names (absolute paths, as older databases hold, stay as they are)."""
+        return self.root / recorded
+
     def global_path(self, version: int) -> Path:
         return self.root / "globals" / f"v{version:06d}.safetensors"
 
