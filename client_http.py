@@ -9,15 +9,39 @@ the final global adapter to --output_dir/final_adapter. Options: fedllm/config.p
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import sys
+from typing import TYPE_CHECKING
 
 from fedllm.config import ClientArguments, parse_args
+from fedllm.logs import setup_logging
+
+if TYPE_CHECKING:
+    from fedllm.client.runner import ClientReport
+
+
+def summary_table(report: ClientReport) -> str:
+    """The final summary: one row per round joined, then the totals."""
+    header = f"{'round':>5} {'loss':>8} {'eval':>8} {'steps':>5} {'seconds':>8} {'KiB down':>9} {'KiB up':>8}"
+    rows = [header, "-" * len(header)]
+
+    def fmt(value: float | None) -> str:
+        return f"{value:.4f}" if value is not None else "n/a"
+
+    for r in report.rounds:
+        rows.append(f"{r.round:>5} {fmt(r.train_loss):>8} {fmt(r.eval_loss):>8} {r.steps:>5} {r.seconds:>8.1f} "
+                    f"{r.bytes_down / 1024:>9.1f} {r.bytes_up / 1024:>8.1f}")
+    rows.append("-" * len(header))
+    train_seconds = sum(r.seconds for r in report.rounds)
+    rows.append(f"{'total':>5} {'':>8} {'':>8} {report.steps:>5} {train_seconds:>8.1f} "
+                f"{report.bytes_down / 1024:>9.1f} {report.bytes_up / 1024:>8.1f}")
+    return "\n".join(rows)
 
 
 def main(argv: list[str] | None = None) -> int:
     (args,) = parse_args((ClientArguments,), argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging("INFO", args.log_format)
     log = logging.getLogger("fedllm.client")
     from fedllm.client.http import ServerError
     from fedllm.client.runner import GlobalAdapterError, run_client
@@ -29,12 +53,17 @@ def main(argv: list[str] | None = None) -> int:
     except (ServerError, ModelMismatchError, GlobalAdapterError, DataFormatError, ValueError, ConnectionError) as exc:
         log.error("%s", exc)
         return 2
-    rows = [f"{'round':>5} {'loss':>8} {'steps':>5} {'seconds':>8} {'KiB down':>9} {'KiB up':>8}"]
-    for r in report.rounds:
-        loss = f"{r.train_loss:.4f}" if r.train_loss is not None else "n/a"
-        rows.append(f"{r.round:>5} {loss:>8} {r.steps:>5} {r.seconds:>8.1f} {r.bytes_down / 1024:>9.1f} {r.bytes_up / 1024:>8.1f}")
-    print(f"client {args.client_id}: joined {len(report.rounds)} rounds", file=sys.stderr)
-    print("\n".join(rows), file=sys.stderr)
+    headline = (f"client {args.client_id}: joined {len(report.rounds)} of {report.num_rounds} rounds, "
+                f"{report.steps} steps, {report.bytes_down / 1024:.1f} KiB down, {report.bytes_up / 1024:.1f} KiB up, "
+                f"{report.seconds:.1f}s in all")
+    if args.log_format == "json":
+        log.info(headline, extra={"event": "client_summary", "client_id": args.client_id,
+                                  "rounds": [dataclasses.asdict(r) for r in report.rounds],
+                                  "num_rounds": report.num_rounds, "steps": report.steps,
+                                  "bytes_down": report.bytes_down, "bytes_up": report.bytes_up,
+                                  "seconds": report.seconds, "final_adapter": str(report.final_adapter)})
+    else:
+        print(f"\n{headline}\n{summary_table(report)}", file=sys.stderr)
     print(f"final adapter: {report.final_adapter}")
     return 0
 

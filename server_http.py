@@ -14,11 +14,15 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 
 from fedllm.config import FederationArguments, ServerArguments, parse_args
+from fedllm.logs import gunicorn_logconfig, setup_logging
 from fedllm.server.app import CLIENT_ID_RE, create_app
 from fedllm.server.auth import TokenRegistry, add_token
 from fedllm.server.federation import Federation
+from fedllm.server.metrics import TensorBoardReporter, child_exit, prepare_multiprocess_dir, tensorboard_available
+from fedllm.server.ratelimit import RateLimiter
 from fedllm.server.store import Store
 
 log = logging.getLogger("fedllm.server")
@@ -29,7 +33,11 @@ def build_app(server: ServerArguments):
     federation = Federation(Store(server.state_dir), output_dir=server.output_dir,
                             max_upload_bytes=int(server.max_upload_mb * (1 << 20)))
     tokens = TokenRegistry(server.auth_tokens) if server.auth_tokens else None
-    return create_app(federation, tokens)
+    workers = server.workers if server.use_gunicorn else 1
+    app = create_app(federation, tokens, rate_limiter=RateLimiter(server.rate_limit, workers))
+    if server.report_to == "tensorboard":
+        TensorBoardReporter(federation, Path(server.state_dir) / "tensorboard").attach()
+    return app
 
 
 def manage_tokens(argv: list[str]) -> None:
@@ -53,7 +61,7 @@ def main(argv: list[str] | None = None) -> None:
         manage_tokens(argv)
         return
     federation_args, server = parse_args((FederationArguments, ServerArguments), argv)
-    logging.basicConfig(level=server.log_level.upper(), format="%(asctime)s %(levelname)s [%(process)d] %(name)s: %(message)s")
+    setup_logging(server.log_level, server.log_format)
     try:
         config = Federation.initialize(federation_args, server.state_dir)
     except ValueError as exc:
@@ -65,6 +73,14 @@ def main(argv: list[str] | None = None) -> None:
         log.warning("!" * 72)
     log.info("federation: %s, %d clients, %d sampled per round, %d rounds, state in %s",
              config.fed_alg, config.num_clients, config.sample_clients, config.num_rounds, server.state_dir)
+    # Before any worker imports prometheus_client: every worker's counters go to one fresh folder.
+    prepare_multiprocess_dir(server.state_dir)
+    if server.report_to == "tensorboard" and not tensorboard_available():
+        log.warning("--report_to tensorboard needs tensorboardX (pip install 'fedllm[tensorboard]'); "
+                    "not writing TensorBoard scalars")
+        server.report_to = "none"
+    elif server.report_to == "tensorboard":
+        log.info("writing per-round scalars for TensorBoard to %s", Path(server.state_dir) / "tensorboard")
     if server.use_gunicorn:
         from fedllm.server.gunicorn_app import GunicornServer
 
@@ -78,8 +94,11 @@ def main(argv: list[str] | None = None) -> None:
             "keyfile": server.keyfile,
             "loglevel": server.log_level.lower(),
             "accesslog": None,
+            # gunicorn 27's runtime control socket defaults to one path per user; fedllm does not use it.
+            "control_socket_disable": True,
+            "logconfig_dict": gunicorn_logconfig(server.log_level, server.log_format),
         }
-        GunicornServer(lambda: build_app(server), options).run()
+        GunicornServer(lambda: build_app(server), options, hooks={"child_exit": child_exit}).run()
     else:
         ssl_context = (server.certfile, server.keyfile) if server.certfile else None
         build_app(server).run(host=server.host, port=server.port, threaded=True, ssl_context=ssl_context)

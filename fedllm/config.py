@@ -72,6 +72,12 @@ class FederationArguments:
     min_fit_clients: int = field(
         default=1, metadata={"help": "Fewest updates a round may close with at its deadline."}
     )
+    on_insufficient: str = field(
+        default="extend",
+        metadata={"help": "At a deadline with fewer than --min_fit_clients updates: 'extend' the deadline, or "
+                          "'resample' (keep the clients that submitted, replace the stragglers).",
+                  "choices": ["extend", "resample"]},
+    )
     seed: int = field(default=2023, metadata={"help": "Seed for client sampling and the initial adapter."})
 
     # --- local training, set per round by the server ---
@@ -107,6 +113,12 @@ class FederationArguments:
         default=0.0, metadata={"help": "Clip each client delta to this L2 norm before aggregation; 0 = off."}
     )
     dpo_beta: float = field(default=0.1, metadata={"help": "DPO beta."})
+    dpo_reference: str = field(
+        default="global",
+        metadata={"help": "DPO reference policy: 'global' (the round's global adapter, frozen) or 'base' "
+                          "(the base model without adapter, as OpenFedLLM). See docs/dpo.md.",
+                  "choices": ["global", "base"]},
+    )
 
     # --- outputs ---
     save_model_freq: int = field(
@@ -167,7 +179,21 @@ class ServerArguments:
     output_dir: str | None = field(
         default=None, metadata={"help": "Where PEFT adapter directories are written (default: STATE_DIR/adapters)."}
     )
+    rate_limit: float = field(
+        default=20.0, metadata={"help": "Requests per second allowed per client (bursts of twice that); 0 = off."}
+    )
     log_level: str = field(default="INFO", metadata={"help": "Logging level."})
+    log_format: str = field(
+        default="text",
+        metadata={"help": "Log lines as text, or json: one object per line with time, level, logger, message, event.",
+                  "choices": ["text", "json"]},
+    )
+    report_to: str = field(
+        default="none",
+        metadata={"help": "Also write per-round scalars (train/eval loss, participants, bytes, seconds) to "
+                          "STATE_DIR/tensorboard: 'tensorboard' (needs pip install 'fedllm[tensorboard]'), or none.",
+                  "choices": ["none", "tensorboard"]},
+    )
     use_gunicorn: bool = field(
         default=False, metadata={"help": "Serve with gunicorn (run_server.sh sets this); otherwise Flask's development server."}
     )
@@ -187,6 +213,12 @@ class ClientArguments:
         default=None, metadata={"help": "Local data: a .json/.jsonl/.parquet/.csv file, a folder, or a Hugging Face dataset name."}
     )
     dataset_sample: int | None = field(default=None, metadata={"help": "Use at most this many examples (seeded sample)."})
+    local_eval_fraction: float = field(
+        default=0.0,
+        metadata={"help": "Hold out this fraction of the local data (seeded); each round, before training, the "
+                          "client reports the global adapter's loss on it as the metric eval_loss (for DPO "
+                          "against the base model). 0 = off."},
+    )
     dataset_format: str | None = field(default=None, metadata={"help": "Override the detected data format."})
     field_map: str | None = field(
         default=None, metadata={"help": "Rename fields before detection, e.g. 'question=instruction,answer=output'."}
@@ -208,7 +240,13 @@ class ClientArguments:
     max_poll_interval: float = field(default=30.0, metadata={"help": "Longest wait between polls."})
     request_timeout: float = field(default=300.0, metadata={"help": "Seconds before an HTTP request is given up."})
     max_retries: int = field(default=8, metadata={"help": "Retries of a request on network errors and 5xx."})
-    quiet: bool = field(default=False, metadata={"help": "No progress bars."})
+    quiet: bool = field(default=False, metadata={"help": "No progress bars (also off when stderr is not a terminal)."})
+    log_format: str = field(
+        default="text",
+        metadata={"help": "Log lines as text, or json: one object per line with time, level, logger, message, event "
+                          "(implies no progress bars).",
+                  "choices": ["text", "json"]},
+    )
     seed: int = field(default=42, metadata={"help": "Local seed (data sampling, dropout)."})
 
     def resolved_token(self) -> str | None:
@@ -216,6 +254,109 @@ class ClientArguments:
 
 
 FEDERATION_ARGUMENT_NAMES = tuple(f.name for f in dataclasses.fields(FederationArguments))
+
+# ClientArguments that only concern a client talking to a server over HTTP, or that the simulation takes
+# from elsewhere (the base model from FederationArguments; output_dir and the clients' seed from SimulationArguments).
+SIMULATION_SKIPPED_CLIENT_FIELDS = frozenset({
+    "server_url", "client_id", "token", "ca_bundle", "poll_interval", "max_poll_interval", "request_timeout",
+    "max_retries", "model_name_or_path", "output_dir", "seed",
+})
+
+
+def _simulated_client_arguments() -> type:
+    """ClientArguments without :data:`SIMULATION_SKIPPED_CLIENT_FIELDS` (one definition of each client option)."""
+    specs = []
+    for f in dataclasses.fields(ClientArguments):
+        if f.name not in SIMULATION_SKIPPED_CLIENT_FIELDS:
+            specs.append((f.name, f.type, field(default=f.default, default_factory=f.default_factory,
+                                                metadata=f.metadata)))
+    cls = dataclasses.make_dataclass("SimulatedClientArguments", specs)
+    cls.__module__ = __name__  # so the string annotations resolve here (HfArgumentParser reads them)
+    cls.__doc__ = "The local-training options of ClientArguments, applied to every simulated client."
+    return cls
+
+
+SimulatedClientArguments = _simulated_client_arguments()
+
+
+@dataclass
+class SimulationArguments:
+    """simulate.py: N clients in one process. FederationArguments and SimulatedClientArguments apply too."""
+
+    client_data: str | None = field(
+        default=None,
+        metadata={"help": "Folder of per-client files, one client each: local_training_N.json (OpenFedLLM/FedIT) "
+                          "or client_N.jsonl (python -m fedllm.data.split), in the order of N. Without it, "
+                          "--dataset_name is split into --num_clients clients with --split_strategy."},
+    )
+    split_strategy: str = field(
+        default="iid",
+        metadata={"help": "How --dataset_name is split (fedllm.data.split).", "choices": ["iid", "dirichlet", "by_field"]},
+    )
+    split_field: str | None = field(default=None, metadata={"help": "Category field of the raw records for dirichlet/by_field."})
+    split_alpha: float = field(default=0.5, metadata={"help": "Dirichlet concentration: smaller is more skewed."})
+    mode: str = field(
+        default="federated",
+        metadata={"help": "federated: --fed_alg over the clients; local: each client trains alone (OpenFedLLM's "
+                          "local{K}, every client, --max_steps per round); central: all clients' data pooled, "
+                          "--max_steps x --sample_clients steps per round.",
+                  "choices": ["federated", "local", "central"]},
+    )
+    output_dir: str = field(
+        default="./fl-sim-output",
+        metadata={"help": "Run folder: state/ (the server's state_dir format: adapters/round_N, adapters/final, "
+                          "history), clients/, history.json."},
+    )
+    resume: bool = field(
+        default=True,
+        metadata={"help": "Continue the run found in --output_dir (same settings) from its last completed round; "
+                          "false refuses to touch an existing run."},
+    )
+    client_seed: int = field(
+        default=ClientArguments.seed,
+        metadata={"help": "Local seed of every simulated client (client_http.py's --seed: data sample, data order, dropout)."},
+    )
+
+
+@dataclass
+class EvaluationArguments:
+    """evaluate.py and export.py: a base model plus an adapter, a dataset and what to measure or write."""
+
+    model_name_or_path: str | None = field(
+        default=None, metadata={"help": "Base model (default: the adapter's base_model_name_or_path, or the state_dir's)."}
+    )
+    adapter: str | None = field(default=None, metadata={"help": "A PEFT adapter directory."})
+    state_dir: str | None = field(
+        default=None, metadata={"help": "A server or simulation state_dir; --round picks the version (default: the latest)."}
+    )
+    round: int | None = field(default=None, metadata={"help": "Round (global version) to take from --state_dir; 0 = the initial adapter."})
+    dataset_name: str | None = field(default=None, metadata={"help": "Evaluation data (any format of docs/data.md)."})
+    dataset_format: str | None = field(default=None, metadata={"help": "Override the detected data format."})
+    field_map: str | None = field(default=None, metadata={"help": "Rename fields first, e.g. 'question=instruction,answer=output'."})
+    metrics: str = field(
+        default="loss",
+        metadata={"help": "Comma-separated: loss (and perplexity, response tokens only), classification "
+                          "(accuracy, macro-F1 over --label_words), gsm8k (exact match of '#### N'), rouge "
+                          "(ROUGE-1/2/L F1), refusal (rule-based refusal rate)."},
+    )
+    label_words: str = field(default="negative,neutral,positive", metadata={"help": "Class labels for classification."})
+    max_samples: int | None = field(default=None, metadata={"help": "Evaluate a seeded random subset of this many examples."})
+    template: str | None = field(default=None, metadata={"help": "Prompt template (default: the state_dir's, else alpaca)."})
+    seq_length: int | None = field(default=None, metadata={"help": "Tokens per example for the loss (default: the state_dir's, else 512)."})
+    batch_size: int = field(default=8, metadata={"help": "Examples per forward pass / generate call."})
+    max_new_tokens: int = field(default=128, metadata={"help": "Tokens generated per prompt (greedy)."})
+    device: str = field(default="auto", metadata={"help": "auto (GPU when present), cpu, cuda, cuda:N."})
+    output_file: str | None = field(default="eval_results.json", metadata={"help": "Where evaluate.py writes its JSON results."})
+    save_predictions: bool = field(default=False, metadata={"help": "Include every prompt, generation and reference in the JSON."})
+    output_dir: str | None = field(default=None, metadata={"help": "export.py adapter/merge: the directory to write."})
+    merge_dtype: str = field(
+        default="float32", metadata={"help": "export.py merge: dtype of the saved model.", "choices": ["float32", "bfloat16", "float16"]}
+    )
+    prompt: str | None = field(default=None, metadata={"help": "export.py generate: one instruction (the template is applied)."})
+    prompts_file: str | None = field(
+        default=None, metadata={"help": "export.py generate: a file of instructions, one per line, or any data file (its prompts)."}
+    )
+    seed: int = field(default=0, metadata={"help": "Seed of the --max_samples subset."})
 
 
 def _load_config_file(path: str) -> dict[str, Any]:

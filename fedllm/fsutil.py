@@ -7,6 +7,8 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+from .faults import fault_point
+
 
 def fsync_dir(path: str | Path) -> None:
     fd = os.open(str(path), os.O_RDONLY | os.O_DIRECTORY)
@@ -29,6 +31,7 @@ def atomic_write(path: str | Path, write: Callable[[str], None]) -> Path:
         write(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+        fault_point("atomic_write.before_rename")
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

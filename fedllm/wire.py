@@ -110,7 +110,7 @@ def parse_header(path: str | Path) -> tuple[dict[str, dict], dict[str, str]]:
         if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
             raise WireError(400, f"tensor {name!r}: header entry must have exactly dtype, shape, data_offsets")
         dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
-        if dtype not in KNOWN_DTYPE_SIZES:
+        if not isinstance(dtype, str) or dtype not in KNOWN_DTYPE_SIZES:
             raise WireError(400, f"tensor {name!r}: unknown dtype {dtype!r}")
         if not isinstance(shape, list) or not all(type(d) is int and 0 <= d < 2**40 for d in shape):
             raise WireError(400, f"tensor {name!r}: shape must be a list of non-negative integers")

@@ -220,7 +220,7 @@ def test_invalid_client_id(api: Api, unchanged, client_id: str) -> None:
 
 def test_unknown_path_and_method(api: Api) -> None:
     assert_error(api.get("/v1/nothing"), 404)
-    assert_error(api.get("/"), 404)
+    assert_error(api.get("/v2/round"), 404)  # GET / is the dashboard (tests/test_dashboard.py)
     assert_error(api.http.post("/v1/round", headers={"X-FedLLM-Client": "alice"}), 405)
     assert_error(api.get("/v1/update"), 405)
 

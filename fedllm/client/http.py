@@ -82,6 +82,7 @@ class FederationClient:
         url = self.base + path
         for attempt in range(self.max_retries + 1):
             body = body_factory() if body_factory else None
+            retry_after = ""
             try:
                 response = self.session.request(method, url, data=body, timeout=self.timeout, verify=self.verify,
                                                 **kwargs)
@@ -90,17 +91,21 @@ class FederationClient:
                     raise
                 failure = f"{type(exc).__name__}: {exc}"
             else:
-                if response.status_code < 500:
+                retryable = response.status_code >= 500 or response.status_code == 429
+                if not retryable:
                     if response.status_code >= 400:
                         raise _server_error(response)
                     return response
                 failure = f"HTTP {response.status_code}: {response.text[:200]}"
+                retry_after = response.headers.get("Retry-After", "")
             finally:
                 if body is not None:
                     body.close()
             if attempt == self.max_retries:
                 raise ConnectionError(f"{method} {path} failed after {attempt + 1} attempts: {failure}")
             delay = min(30.0, 0.5 * 2**attempt) * (0.5 + random.random())
+            if retry_after.isdigit():  # the server said when (429 rate limit, 503 storage)
+                delay = max(delay, min(float(retry_after), 60.0))
             log.warning("%s %s failed (%s); retrying in %.1fs", method, path, failure, delay)
             time.sleep(delay)
         raise AssertionError("unreachable")

@@ -7,8 +7,10 @@ an identical retry as accepted, never counting it twice) instead of training aga
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import random
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,12 +40,45 @@ class RoundSummary:
     seconds: float
     bytes_down: int
     bytes_up: int
+    eval_loss: float | None = None
 
 
 @dataclass
 class ClientReport:
     rounds: list[RoundSummary] = field(default_factory=list)
     final_adapter: Path | None = None
+    num_rounds: int = 0  # the federation's
+    seconds: float = 0.0  # wall time of the whole run
+
+    @property
+    def steps(self) -> int:
+        return sum(r.steps for r in self.rounds)
+
+    @property
+    def bytes_down(self) -> int:
+        return sum(r.bytes_down for r in self.rounds)
+
+    @property
+    def bytes_up(self) -> int:
+        return sum(r.bytes_up for r in self.rounds)
+
+
+def show_progress(args: ClientArguments) -> bool:
+    """Progress bars only for a person: not with --quiet, --log_format json, or stderr that is not a terminal."""
+    return not args.quiet and getattr(args, "log_format", "text") != "json" and sys.stderr.isatty()
+
+
+def _quiet_libraries() -> None:
+    """No progress bars from datasets (map/filter) and transformers (downloads) either."""
+    import datasets
+    from transformers.utils import logging as hf_logging
+
+    datasets.disable_progress_bars()
+    hf_logging.disable_progress_bar()
+
+
+def _kib(n: int) -> str:
+    return f"{n / 1024:.1f} KiB" if n < 1 << 20 else f"{n / (1 << 20):.1f} MiB"
 
 
 def verify_global(tensors: dict[str, torch.Tensor], expected: dict[str, list[int]]) -> None:
@@ -90,6 +125,10 @@ def wait_for_server(client: FederationClient, poller: Poller, timeout: float = 6
 def run_client(args: ClientArguments) -> ClientReport:
     if not args.client_id:
         raise ValueError("--client_id is required")
+    started = time.time()
+    args = dataclasses.replace(args, quiet=not show_progress(args))  # the trainer's progress bar follows too
+    if args.quiet:
+        _quiet_libraries()
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     client = FederationClient(args.server_url, args.client_id, token=args.resolved_token(), ca_bundle=args.ca_bundle,
@@ -100,8 +139,11 @@ def run_client(args: ClientArguments) -> ClientReport:
     trainer = LocalTrainer(server_config, args)
     client.join(trainer.num_samples)
     log.info("%s joined: %d examples, %s/%s, %d rounds", args.client_id, trainer.num_samples,
-             federation["task"], federation["fed_alg"], federation["num_rounds"])
-    report = ClientReport()
+             federation["task"], federation["fed_alg"], federation["num_rounds"],
+             extra={"event": "client_joined", "client_id": args.client_id, "num_samples": trainer.num_samples,
+                    "task": federation["task"], "fed_alg": federation["fed_alg"],
+                    "num_rounds": federation["num_rounds"]})
+    report = ClientReport(num_rounds=int(federation["num_rounds"]))
     last_seen = None
     while True:
         status = client.round_status()
@@ -110,7 +152,10 @@ def run_client(args: ClientArguments) -> ClientReport:
             last_seen = (status["phase"], status["round"])
         if status["phase"] == "finished":
             report.final_adapter = _save_final(client, server_config, output_dir)
-            log.info("federation finished after %d rounds; final adapter in %s", status["round"], report.final_adapter)
+            report.seconds = time.time() - started
+            log.info("federation finished after %d rounds; final adapter in %s", status["round"], report.final_adapter,
+                     extra={"event": "federation_finished", "rounds": status["round"],
+                            "final_adapter": str(report.final_adapter)})
             return report
         if status["selected"] and not status["submitted"]:
             summary = _play_round(client, trainer, server_config, status["round"], output_dir)
@@ -136,28 +181,38 @@ def _play_round(client: FederationClient, trainer: LocalTrainer, server_config: 
         tensors = decode_file(global_path)
         verify_global(tensors, server_config["adapter"])
         round_config = client.config()["round_config"]
+        log.info("round %d of %d: selected; training %d steps at learning rate %.3g on global v%d",
+                 round_number, server_config["federation"]["num_rounds"], round_config["max_steps"],
+                 round_config["learning_rate"], version,
+                 extra={"event": "round_training", "round": round_number, "max_steps": round_config["max_steps"],
+                        "learning_rate": round_config["learning_rate"], "global_version": version})
         result = trainer.train_round(tensors, round_number, round_config["learning_rate"], round_config["max_steps"])
         metrics = result.metrics
         body = encode(result.tensors, server_config["federation"]["wire_dtype"],
                       metadata={k: repr(float(v)) for k, v in metrics.items()})
         atomic_write(pending, lambda tmp: Path(tmp).write_bytes(body))
     else:
-        log.info("round %d: re-sending the update trained before a restart", round_number)
+        log.info("round %d: re-sending the update trained before a restart", round_number,
+                 extra={"event": "update_resent", "round": round_number})
     try:
         client.upload_update(round_number, pending, trainer.num_samples)
     except ServerError as exc:
         if exc.status != 409:
             raise
-        log.warning("round %d: update not taken (%s); the federation moved on", round_number, exc)
+        log.warning("round %d: update not taken (%s); the federation moved on", round_number, exc,
+                    extra={"event": "update_refused", "round": round_number, "status": exc.status})
         return None
     finally:
         for done in pending.parent.glob("round-*.safetensors"):
             done.unlink(missing_ok=True)
     summary = RoundSummary(round_number, metrics.get("train_loss"), int(metrics.get("steps", 0)),
-                           time.time() - started, client.bytes_down - down0, client.bytes_up - up0)
+                           time.time() - started, client.bytes_down - down0, client.bytes_up - up0,
+                           metrics.get("eval_loss"))
     loss = f"{summary.train_loss:.4f}" if summary.train_loss is not None else "n/a"
-    log.info("round %d: loss %s, %d steps, %.1fs, %.1f KiB down, %.1f KiB up", round_number, loss, summary.steps,
-             summary.seconds, summary.bytes_down / 1024, summary.bytes_up / 1024)
+    evaluated = f", eval loss {summary.eval_loss:.4f}" if summary.eval_loss is not None else ""
+    log.info("round %d: loss %s%s, %d steps, %.1fs, %s down, %s up", round_number, loss, evaluated,
+             summary.steps, summary.seconds, _kib(summary.bytes_down), _kib(summary.bytes_up),
+             extra={"event": "round_done", **dataclasses.asdict(summary)})
     return summary
 
 

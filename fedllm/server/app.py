@@ -7,17 +7,23 @@ closed rounds (the upload that closes a round wakes it at once).
 
 from __future__ import annotations
 
+import errno
 import logging
 import re
+import sqlite3
 import threading
 import time
 
 from flask import Flask, Response, g, jsonify, request, send_file
 from werkzeug.exceptions import HTTPException
 
+from . import metrics
 from .auth import TokenRegistry
+from .dashboard import PUBLIC_ENDPOINTS, client_states
+from .dashboard import bp as dashboard_bp
 from .errors import ApiError
 from .federation import Federation
+from .ratelimit import RateLimiter
 
 log = logging.getLogger("fedllm.server")
 
@@ -53,6 +59,14 @@ class Ticker:
                 log.exception("background round progress failed (attempt %d); will retry", failures)
 
 
+def _json_body() -> object:
+    """The request's JSON, or None when it is not JSON. ``silent`` covers ValueError, not deep nesting."""
+    try:
+        return request.get_json(silent=True)
+    except RecursionError:
+        return None
+
+
 def _int_header(name: str, *, minimum: int) -> int:
     raw = request.headers.get(name)
     if raw is None:
@@ -62,9 +76,31 @@ def _int_header(name: str, *, minimum: int) -> int:
     return int(raw)
 
 
-def create_app(federation: Federation, tokens: TokenRegistry | None = None, *, start_ticker: bool = True) -> Flask:
+# Storage failures the operator can fix (free space, remount): answered 503, the request changed nothing.
+STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO, errno.EACCES, errno.EPERM}
+
+
+def _storage_error(exc: BaseException) -> str | None:
+    if isinstance(exc, OSError) and exc.errno in STORAGE_ERRNOS:
+        return exc.strerror or str(exc)
+    if isinstance(exc, sqlite3.OperationalError) and any(
+        s in str(exc) for s in ("disk is full", "readonly database", "disk I/O error", "unable to open")
+    ):
+        return str(exc)
+    return None
+
+
+def create_app(
+    federation: Federation,
+    tokens: TokenRegistry | None = None,
+    *,
+    start_ticker: bool = True,
+    rate_limiter: RateLimiter | None = None,
+) -> Flask:
     app = Flask("fedllm")
     app.config["JSON_SORT_KEYS"] = False
+    metrics.install(app, federation)  # first, so its request timer runs before any other before_request
+    app.register_blueprint(dashboard_bp)  # GET / and /dashboard/static/*: no data, no auth
     ticker = Ticker(federation) if start_ticker else None
     app.extensions["fedllm"] = {"federation": federation, "ticker": ticker}
 
@@ -80,12 +116,26 @@ def create_app(federation: Federation, tokens: TokenRegistry | None = None, *, s
 
     @app.errorhandler(Exception)
     def _unexpected(exc: Exception):
+        reason = _storage_error(exc)
+        if reason is not None:
+            log.error("storage failure on %s %s: %s", request.method, request.path, reason)
+            response = jsonify({"error": "storage unavailable",
+                                "detail": f"the server cannot write its state ({reason}); nothing was changed, "
+                                          "retry later"})
+            response.headers["Retry-After"] = "30"
+            return response, 503
         log.exception("unhandled error on %s %s", request.method, request.path)
         return jsonify({"error": "internal error", "detail": type(exc).__name__}), 500
 
     @app.before_request
     def _identify():
-        if request.path == "/healthz":
+        if request.path == "/healthz" or request.endpoint in PUBLIC_ENDPOINTS:
+            return
+        if request.endpoint == "metrics":  # for scrapers: no client header; the admin token when auth is on
+            if tokens is not None:
+                auth = request.headers.get("Authorization", "")
+                if not auth.startswith("Bearer ") or not tokens.identify(auth[7:].strip())[1]:
+                    raise ApiError(401, "unauthorized", "/metrics needs 'Authorization: Bearer <admin token>'")
             return
         client_id = request.headers.get(CLIENT_HEADER)
         if client_id is None:
@@ -94,15 +144,24 @@ def create_app(federation: Federation, tokens: TokenRegistry | None = None, *, s
             raise ApiError(400, "invalid client id",
                            "client ids are 1-64 characters: letters, digits, '.', '_', '-', starting with a letter or digit")
         g.client_id = client_id
+        g.is_admin = False
         if tokens is not None:
             auth = request.headers.get("Authorization", "")
             if not auth.startswith("Bearer ") or not auth[7:].strip():
                 raise ApiError(401, "unauthorized", "send 'Authorization: Bearer <token>'")
-            owner, _is_admin = tokens.identify(auth[7:].strip())
-            if owner is None:
+            owner, g.is_admin = tokens.identify(auth[7:].strip())
+            # The admin token reads everything and runs operator actions; it never pushes or joins.
+            admin_ok = g.is_admin and (request.method == "GET" or request.path.startswith("/v1/admin/"))
+            if owner is None and not admin_ok:
                 raise ApiError(401, "unauthorized", "unknown token")
-            if owner != client_id:
+            if owner is not None and owner != client_id and not admin_ok:
                 raise ApiError(403, "forbidden", f"this token does not belong to client {client_id!r}")
+        if rate_limiter is not None:
+            wait = rate_limiter.allow(client_id)
+            if wait > 0:
+                response = jsonify({"error": "rate limited", "detail": f"too many requests from {client_id!r}"})
+                response.headers["Retry-After"] = str(max(1, round(wait)))
+                return response, 429
 
     @app.get("/healthz")
     def healthz():
@@ -120,9 +179,13 @@ def create_app(federation: Federation, tokens: TokenRegistry | None = None, *, s
     def get_history():
         return jsonify(federation.history())
 
+    @app.get("/v1/clients")
+    def get_clients():
+        return jsonify(client_states(federation))
+
     @app.post("/v1/join")
     def join():
-        body = request.get_json(silent=True)
+        body = _json_body()
         if not isinstance(body, dict):
             raise ApiError(400, "bad json", 'expected a JSON object such as {"num_samples": 100}')
         num_samples = body.get("num_samples")
@@ -158,6 +221,40 @@ def create_app(federation: Federation, tokens: TokenRegistry | None = None, *, s
         if ticker is not None:
             ticker.wake.set()
         return jsonify(result), 202
+
+    def _admin(action: str) -> str:
+        if tokens is None or not g.is_admin:
+            raise ApiError(403, "admin only", "operator actions need the admin token (server_http.py add-admin) "
+                                              "and a server started with --auth_tokens")
+        actor = f"admin@{request.remote_addr}"
+        log.warning("admin action %s by %s", action, actor)
+        return actor
+
+    @app.post("/v1/admin/pause")
+    def admin_pause():
+        return jsonify(federation.pause(_admin("pause")))
+
+    @app.post("/v1/admin/resume")
+    def admin_resume():
+        return jsonify(federation.resume(_admin("resume")))
+
+    @app.post("/v1/admin/abort_round")
+    def admin_abort_round():
+        return jsonify(federation.abort_round(_admin("abort_round")))
+
+    @app.post("/v1/admin/remove_client")
+    def admin_remove_client():
+        actor = _admin("remove_client")
+        body = _json_body()
+        client_id = body.get("client_id") if isinstance(body, dict) else None
+        if not isinstance(client_id, str) or not CLIENT_ID_RE.fullmatch(client_id):
+            raise ApiError(400, "bad json", 'expected {"client_id": "<id>"}')
+        return jsonify(federation.remove_client(actor, client_id))
+
+    @app.get("/v1/admin/events")
+    def admin_events():
+        _admin("events")
+        return jsonify(federation.events())
 
     @app.after_request
     def _log(response):

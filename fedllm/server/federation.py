@@ -21,7 +21,7 @@ import random
 import shutil
 import time
 from collections.abc import Callable, Mapping
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +40,7 @@ from ..adapter import (
 from ..algorithms import get_algorithm, round_learning_rate, run_aggregation
 from ..algorithms.base import Tensors
 from ..config import FederationArguments
+from ..faults import fault_point
 from ..fsutil import atomic_write, fsync_dir
 from ..wire import DTYPE_CODE, WIRE_DTYPES, WireError, validate_tensors_file
 from .errors import ApiError
@@ -105,6 +106,9 @@ class Federation:
         """
         config.validate()
         store = Store(state_dir)
+        # Runs before any worker exists: bodies that were streaming when the server died are garbage.
+        for partial in store.incoming_dir.glob("*.part"):
+            partial.unlink()
         try:
             with store.transaction() as db:
                 stored = store.get_meta(db, "federation")
@@ -164,6 +168,7 @@ class Federation:
         # bytes (and the sha256 served as ETag) differ between two writes of the same version.
         metadata = {"format": "pt"}
         gpath = atomic_write(store.global_path(version), lambda tmp: save_file(served, tmp, metadata=metadata))
+        fault_point("aggregate.global_written")
         state_tensors = {STATE_GLOBAL_PREFIX + k: v.contiguous() for k, v in adapter.items()}
         state_tensors.update({STATE_ALGO_PREFIX + k: v.contiguous() for k, v in state.items()})
         spath = atomic_write(store.state_path(version), lambda tmp: save_file(state_tensors, tmp))
@@ -201,9 +206,12 @@ class Federation:
             "deadline_extensions": current.extensions if current else 0,
             "clients_joined": len(clients),
             "num_clients": self.config.num_clients,
+            "paused": bool(self.store.get_meta(db, "paused")),
         }
         if client_id is not None:
-            status["selected"] = bool(current and current.status == "training" and client_id in current.sampled)
+            # A paused federation starts no training; an update already under way is still accepted.
+            status["selected"] = bool(current and current.status == "training" and client_id in current.sampled
+                                      and not status["paused"])
             status["submitted"] = client_id in received
             status["joined"] = client_id in clients
         return status
@@ -240,6 +248,8 @@ class Federation:
     # ------------------------------------------------------------------ writes
     def join(self, client_id: str, num_samples: int) -> dict[str, Any]:
         with self.store.transaction() as db:
+            if self.store.is_removed(db, client_id):
+                raise ApiError(403, "client removed", f"the operator removed {client_id!r} from the federation")
             clients = self.store.clients(db)
             if client_id not in clients and len(clients) >= self.config.num_clients:
                 raise ApiError(403, "federation is full",
@@ -306,6 +316,7 @@ class Federation:
             final.parent.mkdir(parents=True, exist_ok=True)
             os.replace(incoming, final)
             fsync_dir(final.parent)
+            fault_point("upload.stored")
         finally:
             incoming.unlink(missing_ok=True)
 
@@ -324,10 +335,15 @@ class Federation:
                 received = len(self.store.updates(db, round_number))
                 if received >= len(current.sampled):
                     self.store.set_round_status(db, round_number, "closed")
-        except ApiError:
-            if existing is None or existing.path != recorded:  # a rejected upload leaves no file behind
-                final.unlink(missing_ok=True)
+        except Exception:
+            # A rejected upload, or one the disk had no room to record, leaves no file behind, unless the row of a
+            # concurrent identical upload points to it (if even that cannot be read, the unused file stays).
+            with suppress(Exception):
+                existing = self.store.get_update(self.store.read(), round_number, client_id)
+                if existing is None or existing.path != recorded:
+                    final.unlink(missing_ok=True)
             raise
+        fault_point("upload.committed")
         log.info("round %d: accepted update from %s (%d bytes, %d samples)", round_number, client_id, size, num_samples)
         return {"accepted": True, "duplicate": False, "round": round_number, "sha256": digest}
 
@@ -351,18 +367,82 @@ class Federation:
                     raise ApiError(413, "upload too large", f"more than {self.max_upload_bytes} bytes")
                 digest.update(chunk)
                 f.write(chunk)
+                fault_point("upload.streaming")
             f.flush()
             os.fsync(f.fileno())
         if content_length is not None and size != content_length:
             raise ApiError(400, "truncated body", f"received {size} of {content_length} bytes")
         return digest.hexdigest(), size
 
+    # ------------------------------------------------------------------ operator actions
+    def pause(self, actor: str) -> dict[str, Any]:
+        with self.store.transaction() as db:
+            if not self.store.get_meta(db, "paused"):
+                self.store.set_meta(db, "paused", time.time())
+                self.store.add_event(db, actor, "pause", {})
+        log.warning("federation paused by %s", actor)
+        return self.status()
+
+    def resume(self, actor: str) -> dict[str, Any]:
+        with self.store.transaction() as db:
+            paused_at = self.store.get_meta(db, "paused")
+            if paused_at:
+                current = self.store.current_round(db)
+                if current and current.status == "training" and current.deadline is not None:
+                    # The round's clock stopped while paused.
+                    db.execute("UPDATE rounds SET deadline = ? WHERE round = ?",
+                               (current.deadline + time.time() - paused_at, current.round))
+                self.store.set_meta(db, "paused", None)
+                self.store.add_event(db, actor, "resume", {"paused_seconds": time.time() - paused_at})
+        log.warning("federation resumed by %s", actor)
+        return self.status()
+
+    def abort_round(self, actor: str) -> dict[str, Any]:
+        """Discard the current round's updates and restart it with a new sample."""
+        with self.store.transaction() as db:
+            current = self.store.current_round(db)
+            if current is None or current.status != "training":
+                raise ApiError(409, "no round to abort", "only a round that is still training can be aborted")
+            paths = self.store.delete_updates(db, current.round)
+            ids = list(self.store.clients(db))
+            sampled = sample_clients(ids, min(self.config.sample_clients, len(ids)), self.config.seed,
+                                     current.round * 1000 + current.extensions + 1)
+            deadline = time.time() + self.config.round_timeout if self.config.round_timeout > 0 else None
+            self.store.set_sampled(db, current.round, sampled, deadline)
+            self.store.add_event(db, actor, "abort_round", {"round": current.round, "discarded": len(paths),
+                                                            "sampled": sampled})
+        for path in paths:
+            self.store.resolve(path).unlink(missing_ok=True)
+        log.warning("round %d aborted by %s: %d updates discarded, re-sampled %s", current.round, actor, len(paths),
+                    sampled)
+        return self.status()
+
+    def remove_client(self, actor: str, client_id: str) -> dict[str, Any]:
+        """Remove a client: it can no longer join or push; a round waiting for it closes without it."""
+        with self.store.transaction() as db:
+            if client_id not in self.store.clients(db):
+                raise ApiError(404, "unknown client", f"no client {client_id!r} has joined")
+            self.store.remove_client(db, client_id)
+            current = self.store.current_round(db)
+            if current and current.status == "training" and client_id in current.sampled:
+                sampled = [c for c in current.sampled if c != client_id]
+                self.store.set_sampled(db, current.round, sampled, current.deadline)
+                received = {u.client_id for u in self.store.updates(db, current.round)}
+                if sampled and set(sampled) <= received:
+                    self.store.set_round_status(db, current.round, "closed")
+            self.store.add_event(db, actor, "remove_client", {"client_id": client_id})
+        log.warning("client %s removed by %s", client_id, actor)
+        return self.status()
+
+    def events(self) -> list[dict[str, Any]]:
+        return self.store.events(self.store.read())
+
     # ------------------------------------------------------------------ progress
     def tick(self) -> bool:
         """Close a round whose deadline passed, and aggregate a closed round. Returns True if it aggregated."""
         db = self.store.read()
         current = self.store.current_round(db)
-        if current is None:
+        if current is None or self.store.get_meta(db, "paused"):
             return False
         if current.status == "training" and current.deadline is not None and time.time() > current.deadline:
             self._close_at_deadline(current.round)
@@ -381,10 +461,27 @@ class Federation:
                 self.store.set_round_status(db, round_number, "closed")
                 log.warning("round %d: deadline passed; closing with %d of %d updates",
                             round_number, received, len(current.sampled))
+            elif self.config.on_insufficient == "resample":
+                sampled = self._resample(db, current)
+                self.store.set_sampled(db, round_number, sampled, time.time() + self.config.round_timeout)
+                log.warning("round %d: deadline passed with %d updates (< --min_fit_clients %d); re-sampled %s",
+                            round_number, received, self.config.min_fit_clients, sampled)
             else:
                 self.store.extend_deadline(db, round_number, time.time() + self.config.round_timeout)
                 log.warning("round %d: deadline passed with %d updates (< --min_fit_clients %d); extended",
                             round_number, received, self.config.min_fit_clients)
+
+    def _resample(self, db, current: RoundRow) -> list[str]:
+        """Keep the clients that submitted; replace the stragglers by clients not yet sampled (seeded)."""
+        submitted = [u.client_id for u in self.store.updates(db, current.round)]
+        stragglers = [c for c in current.sampled if c not in submitted]
+        fresh = sorted(set(self.store.clients(db)) - set(current.sampled))
+        rng = random.Random(f"{self.config.seed}:{current.round}:resample{current.extensions}")
+        needed = len(current.sampled) - len(submitted)
+        replacements = rng.sample(fresh, min(needed, len(fresh)))
+        # Too few fresh clients: the stragglers keep their places.
+        replacements += stragglers[: needed - len(replacements)]
+        return sorted(submitted + replacements)
 
     @contextmanager
     def _aggregation_lock(self):
@@ -419,6 +516,7 @@ class Federation:
             adapter, state = self._load_state(str(self.store.resolve(previous.state_path)))
             updates = [FileUpdate(r, self.store.resolve(r.path)) for r in rows]
             new_adapter, new_state = run_aggregation(self.algorithm, adapter, updates, state)
+            fault_point("aggregate.loaded")
             version = current.round
             row = self._write_version(self.store, self.config, self.algorithm, version, new_adapter, new_state)
             is_final = version >= self.config.num_rounds
@@ -426,6 +524,7 @@ class Federation:
                 self._save_adapter_dir(new_adapter, "final" if is_final else f"round_{version}")
                 if is_final and self.config.save_model_freq > 0 and version % self.config.save_model_freq == 0:
                     self._save_adapter_dir(new_adapter, f"round_{version}")
+            fault_point("aggregate.files_written")
             record = self._history_record(current, rows, row, time.time() - started)
             with self.store.transaction() as db:
                 self.store.insert_global(db, row)
@@ -433,9 +532,12 @@ class Federation:
                 self.store.set_round_status(db, version, "aggregated")
                 if not is_final:
                     self._start_round(db, version + 1)
+            fault_point("aggregate.committed")
             log.info("round %d aggregated: %d updates, train_loss %s, %.2fs", version, len(rows),
                      record["train_loss"], record["aggregation_seconds"])
         self._cleanup(version)
+        for hook in self._after_aggregation:  # metrics, TensorBoard (fedllm.server.metrics)
+            hook(version)
         return True
 
     def _load_state(self, state_path: str) -> tuple[Tensors, Tensors]:
@@ -466,15 +568,16 @@ class Federation:
 
     def _history_record(self, current: RoundRow, rows: list[UpdateRow], row: GlobalRow, seconds: float) -> dict[str, Any]:
         total = sum(r.num_samples for r in rows)
-        losses = [(r.metrics.get("train_loss"), r.num_samples) for r in rows]
-        weighted = [(loss, n) for loss, n in losses if isinstance(loss, (int, float))]
-        train_loss = sum(loss * n for loss, n in weighted) / sum(n for _, n in weighted) if weighted else None
+        train_loss = _weighted_metric(rows, "train_loss", "num_samples")
+        # The global model's loss on the clients' held-out splits, weighted by their sizes.
+        eval_loss = _weighted_metric(rows, "eval_loss", "eval_samples")
         return {
             "round": current.round,
             "participants": [r.client_id for r in rows],
             "sampled": current.sampled,
             "num_samples": total,
             "train_loss": train_loss,
+            "eval_loss": eval_loss,
             "seconds": time.time() - current.started_at,
             "aggregation_seconds": seconds,
             "bytes_received": sum(r.size for r in rows),
@@ -489,6 +592,14 @@ class Federation:
         for old in range(max(0, version - 4), version - 1):
             self.store.global_path(old).unlink(missing_ok=True)
             self.store.state_path(old).unlink(missing_ok=True)
+
+
+def _weighted_metric(rows: list[UpdateRow], metric: str, weight: str) -> float | None:
+    """Σ w_i·m_i / Σ w_i over the updates that report ``metric`` (weight: a metric, else num_samples)."""
+    pairs = [(r.metrics[metric], r.metrics.get(weight, r.num_samples)) for r in rows
+             if isinstance(r.metrics.get(metric), (int, float))]
+    total = sum(w for _, w in pairs)
+    return sum(m * w for m, w in pairs) / total if pairs and total > 0 else None
 
 
 def _parse_metrics(metadata: Mapping[str, str]) -> dict[str, Any]:

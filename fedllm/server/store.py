@@ -42,6 +42,10 @@ CREATE TABLE IF NOT EXISTS globals (
     version INTEGER PRIMARY KEY, sha256 TEXT NOT NULL, path TEXT NOT NULL, state_path TEXT NOT NULL,
     size INTEGER NOT NULL, created_at REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS history (round INTEGER PRIMARY KEY, record TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS removed_clients (client_id TEXT PRIMARY KEY, removed_at REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS events (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, time REAL NOT NULL, actor TEXT NOT NULL, action TEXT NOT NULL,
+    detail TEXT NOT NULL);
 """
 
 
@@ -186,6 +190,39 @@ class Store:
             "UPDATE rounds SET status = ?, closed_at = COALESCE(closed_at, ?) WHERE round = ?",
             (status, closed_at, round_number),
         )
+
+    @staticmethod
+    def set_sampled(db: sqlite3.Connection, round_number: int, sampled: list[str], deadline: float | None) -> None:
+        db.execute(
+            "UPDATE rounds SET sampled = ?, deadline = ?, extensions = extensions + 1 WHERE round = ?",
+            (json.dumps(sampled), deadline, round_number),
+        )
+
+    @staticmethod
+    def delete_updates(db: sqlite3.Connection, round_number: int) -> list[str]:
+        """Drop a round's update rows; returns their files (to delete after the commit)."""
+        paths = [r[0] for r in db.execute("SELECT path FROM updates WHERE round = ?", (round_number,))]
+        db.execute("DELETE FROM updates WHERE round = ?", (round_number,))
+        return paths
+
+    @staticmethod
+    def remove_client(db: sqlite3.Connection, client_id: str) -> None:
+        db.execute("DELETE FROM clients WHERE client_id = ?", (client_id,))
+        db.execute("INSERT OR REPLACE INTO removed_clients (client_id, removed_at) VALUES (?, ?)", (client_id, time.time()))
+
+    @staticmethod
+    def is_removed(db: sqlite3.Connection, client_id: str) -> bool:
+        return db.execute("SELECT 1 FROM removed_clients WHERE client_id = ?", (client_id,)).fetchone() is not None
+
+    @staticmethod
+    def add_event(db: sqlite3.Connection, actor: str, action: str, detail: dict[str, Any]) -> None:
+        db.execute("INSERT INTO events (time, actor, action, detail) VALUES (?, ?, ?, ?)",
+                   (time.time(), actor, action, json.dumps(detail)))
+
+    @staticmethod
+    def events(db: sqlite3.Connection, limit: int = 1000) -> list[dict[str, Any]]:
+        rows = db.execute("SELECT time, actor, action, detail FROM events ORDER BY id DESC LIMIT ?", (limit,))
+        return [{"time": r[0], "actor": r[1], "action": r[2], "detail": json.loads(r[3])} for r in rows]
 
     @staticmethod
     def extend_deadline(db: sqlite3.Connection, round_number: int, deadline: float) -> None:

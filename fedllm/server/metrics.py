@@ -1,0 +1,263 @@
+"""Prometheus metrics (``GET /metrics``) and optional per-round TensorBoard scalars.
+
+Under gunicorn every worker is a process with its own counters, so the server runs
+``prometheus_client`` in multiprocess mode: :func:`prepare_multiprocess_dir` points
+``PROMETHEUS_MULTIPROC_DIR`` at a fresh ``STATE_DIR/prometheus`` before the library is imported
+(it picks its mode at import; this module imports it lazily for that reason), each worker writes
+its values to memory-mapped files there, and a scrape served by any worker sums them all. The
+gunicorn master's ``child_exit`` hook (:func:`child_exit`) drops a dead worker's live gauges.
+
+What is measured:
+
+* per request: ``fedllm_http_requests_total{endpoint,method,status}``,
+  ``fedllm_http_request_duration_seconds{endpoint,method}`` (``endpoint`` is the Flask URL rule,
+  e.g. ``/v1/update``, never the raw path), ``fedllm_http_received_bytes_total{endpoint}``,
+  ``fedllm_http_sent_bytes_total{endpoint}``, ``fedllm_worker_requests{pid}`` (per worker);
+* uploads: ``fedllm_updates_accepted_total``, ``fedllm_updates_duplicate_total`` (an identical
+  retry) and ``fedllm_updates_rejected_total{reason,status}`` (reason: the API error, e.g. ``wrong_round``);
+* aggregation: ``fedllm_aggregation_duration_seconds`` (histogram, observed by the process that aggregated);
+* read from the store at scrape time: ``fedllm_round``, ``fedllm_num_rounds``,
+  ``fedllm_rounds_completed``, ``fedllm_phase{phase}``, ``fedllm_clients_known``,
+  ``fedllm_clients_expected``, ``fedllm_clients_sampled``, ``fedllm_round_updates_received``,
+  ``fedllm_global_version``, ``fedllm_paused``, ``fedllm_last_train_loss``, ``fedllm_last_eval_loss``.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import re
+import shutil
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from flask import Flask, Response, g, request
+
+log = logging.getLogger("fedllm.server")
+
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+AGGREGATION_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
+PHASES = ("waiting", "training", "aggregating", "finished")
+UPDATE_ENDPOINT = "post_update"
+
+
+def prepare_multiprocess_dir(state_dir: str | Path) -> Path:
+    """Use a fresh ``STATE_DIR/prometheus`` for multiprocess metrics. Call before any worker starts."""
+    path = Path(state_dir).resolve() / "prometheus"
+    if "prometheus_client.values" in sys.modules and os.environ.get(MULTIPROC_ENV) != str(path):
+        raise RuntimeError("prometheus_client was imported before PROMETHEUS_MULTIPROC_DIR was set; "
+                           "call prepare_multiprocess_dir() first")
+    shutil.rmtree(path, ignore_errors=True)  # counters of an earlier run would be summed in
+    path.mkdir(parents=True)
+    os.environ[MULTIPROC_ENV] = str(path)
+    return path
+
+
+def child_exit(server: Any, worker: Any) -> None:
+    """gunicorn ``child_exit`` hook (runs in the master): forget a dead worker's live gauges."""
+    if os.environ.get(MULTIPROC_ENV):
+        from prometheus_client import multiprocess
+
+        multiprocess.mark_process_dead(worker.pid)
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_") or "unknown"
+
+
+class Instruments:
+    """The process's metric objects (created once per process, after gunicorn forked the worker)."""
+
+    def __init__(self) -> None:
+        from prometheus_client import Counter, Gauge, Histogram
+
+        self.requests = Counter("fedllm_http_requests", "HTTP requests served.", ["endpoint", "method", "status"])
+        self.latency = Histogram("fedllm_http_request_duration_seconds", "Time to answer a request.",
+                                 ["endpoint", "method"], buckets=LATENCY_BUCKETS)
+        self.bytes_in = Counter("fedllm_http_received_bytes", "Request body bytes received.", ["endpoint"])
+        self.bytes_out = Counter("fedllm_http_sent_bytes", "Response body bytes sent.", ["endpoint"])
+        self.worker_requests = Gauge("fedllm_worker_requests", "Requests served by each live worker process.",
+                                     multiprocess_mode="liveall")
+        self.accepted = Counter("fedllm_updates_accepted", "Client updates accepted (each counted once).")
+        self.duplicate = Counter("fedllm_updates_duplicate", "Identical retries of an accepted update.")
+        self.rejected = Counter("fedllm_updates_rejected", "Uploads refused, by API error.", ["reason", "status"])
+        self.aggregation = Histogram("fedllm_aggregation_duration_seconds", "Time to aggregate a round.",
+                                     buckets=AGGREGATION_BUCKETS)
+
+
+@functools.lru_cache(maxsize=1)
+def instruments() -> Instruments:
+    return Instruments()
+
+
+class FederationCollector:
+    """Gauges read from the shared store at scrape time (so every worker answers the same)."""
+
+    def __init__(self, federation: Any):
+        self.federation = federation
+
+    def collect(self) -> Iterator[Any]:
+        from prometheus_client.core import GaugeMetricFamily
+
+        status = self.federation.status()
+        history = self.federation.history()
+
+        def gauge(name: str, doc: str, value: float | None) -> GaugeMetricFamily | None:
+            return GaugeMetricFamily(name, doc, value=value) if value is not None else None
+
+        phase = GaugeMetricFamily("fedllm_phase", "1 for the federation's current phase.", labels=["phase"])
+        for name in PHASES:
+            phase.add_metric([name], 1.0 if status["phase"] == name else 0.0)
+        last = history[-1] if history else {}
+        families = [
+            gauge("fedllm_round", "The current round (0 before the first).", status["round"]),
+            gauge("fedllm_num_rounds", "Rounds the federation runs.", status["num_rounds"]),
+            gauge("fedllm_rounds_completed", "Rounds aggregated so far.", len(history)),
+            phase,
+            gauge("fedllm_clients_known", "Clients that have joined.", status["clients_joined"]),
+            gauge("fedllm_clients_expected", "Clients the federation waits for (--num_clients).",
+                  status.get("num_clients")),
+            gauge("fedllm_clients_sampled", "Clients sampled for the current round.",
+                  len(status["sampled"]) if status["phase"] in ("training", "aggregating") else 0),
+            gauge("fedllm_round_updates_received", "Updates received in the current round.", len(status["received"])),
+            gauge("fedllm_global_version", "Version of the served global adapter.", status["global_version"]),
+            gauge("fedllm_paused", "1 while an operator has paused the federation.", float(bool(status.get("paused")))),
+            gauge("fedllm_last_train_loss", "Weighted train loss of the last aggregated round.", last.get("train_loss")),
+            gauge("fedllm_last_eval_loss", "Weighted federated eval loss of the last aggregated round.",
+                  last.get("eval_loss")),
+        ]
+        yield from (f for f in families if f is not None)
+
+
+def render(federation: Any) -> Response:
+    """The Prometheus text exposition for this server (all workers)."""
+    from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest
+
+    instruments()  # every metric exists (at zero) from the first scrape on
+    registry = CollectorRegistry()
+    registry.register(FederationCollector(federation))
+    if os.environ.get(MULTIPROC_ENV):
+        from prometheus_client import multiprocess
+
+        multiprocess.MultiProcessCollector(registry)
+        body = generate_latest(registry)
+    else:
+        body = generate_latest(REGISTRY) + generate_latest(registry)
+    return Response(body, mimetype=CONTENT_TYPE_LATEST.split(";")[0], headers={"Content-Type": CONTENT_TYPE_LATEST,
+                                                                               "Cache-Control": "no-store"})
+
+
+def install(app: Flask, federation: Any) -> None:
+    """Measure every request of ``app``, add ``GET /metrics``, and time aggregations.
+
+    Call right after creating the app so the timer starts before any other ``before_request``.
+    """
+    metrics = instruments()
+
+    @app.before_request
+    def _start_timer() -> None:
+        g.metrics_started = time.perf_counter()
+
+    @app.after_request
+    def _observe(response: Response) -> Response:
+        try:
+            _record(metrics, response)
+        except Exception:  # metrics must never break a request
+            log.exception("recording request metrics failed")
+        return response
+
+    app.add_url_rule("/metrics", "metrics", lambda: render(federation), methods=["GET"])
+    hooks = getattr(federation, "_after_aggregation", None)
+    if hooks is not None:
+        hooks.append(functools.partial(_observe_aggregation, federation, metrics))
+
+
+def _record(metrics: Instruments, response: Response) -> None:
+    endpoint = request.url_rule.rule if request.url_rule is not None else "unmatched"
+    status = response.status_code
+    metrics.requests.labels(endpoint, request.method, str(status)).inc()
+    started = g.get("metrics_started")
+    if started is not None:
+        metrics.latency.labels(endpoint, request.method).observe(time.perf_counter() - started)
+    if request.content_length and status != 413:  # a 413 is refused before its body is read
+        metrics.bytes_in.labels(endpoint).inc(request.content_length)
+    if response.content_length:
+        metrics.bytes_out.labels(endpoint).inc(response.content_length)
+    metrics.worker_requests.inc()
+    if request.endpoint == UPDATE_ENDPOINT:
+        body = response.get_json(silent=True) if response.is_json else None
+        body = body if isinstance(body, dict) else {}
+        if status == 202:
+            (metrics.duplicate if body.get("duplicate") else metrics.accepted).inc()
+        elif status >= 400:
+            metrics.rejected.labels(_slug(str(body.get("error") or "http error")), str(status)).inc()
+
+
+def _round_record(federation: Any, round_number: int) -> dict[str, Any] | None:
+    return next((r for r in reversed(federation.history()) if r.get("round") == round_number), None)
+
+
+def _observe_aggregation(federation: Any, metrics: Instruments, round_number: int) -> None:
+    try:
+        record = _round_record(federation, round_number)
+        if record is not None and isinstance(record.get("aggregation_seconds"), (int, float)):
+            metrics.aggregation.observe(record["aggregation_seconds"])
+    except Exception:
+        log.exception("recording aggregation metrics failed")
+
+
+# ---------------------------------------------------------------------------------------------- TensorBoard
+TENSORBOARD_SCALARS = ("train_loss", "eval_loss", "participants", "num_samples", "bytes_received", "seconds",
+                       "aggregation_seconds")
+
+
+def tensorboard_available() -> bool:
+    try:
+        import tensorboardX  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+class TensorBoardReporter:
+    """Writes each aggregated round's scalars to ``logdir`` (from the process that aggregated it)."""
+
+    def __init__(self, federation: Any, logdir: str | Path):
+        self.federation = federation
+        self.logdir = Path(logdir)
+        self._writer: Any = None
+
+    def attach(self) -> TensorBoardReporter:
+        self.federation._after_aggregation.append(self.on_aggregated)
+        return self
+
+    def on_aggregated(self, round_number: int) -> None:
+        try:
+            record = _round_record(self.federation, round_number)
+            if record is not None:
+                self.write(record)
+        except Exception:
+            log.exception("writing TensorBoard scalars for round %d failed", round_number)
+
+    def write(self, record: dict[str, Any]) -> None:
+        """One event with the round's scalars, written and flushed before returning (no background queue)."""
+        from tensorboardX.event_file_writer import EventsWriter
+        from tensorboardX.proto.event_pb2 import Event
+        from tensorboardX.summary import scalar
+
+        if self._writer is None:
+            self.logdir.mkdir(parents=True, exist_ok=True)
+            self._writer = EventsWriter(str(self.logdir / "events"), f".{os.getpid()}")
+        values = dict(record, participants=len(record.get("participants") or []))
+        event = Event(wall_time=time.time(), step=int(record["round"]))
+        for name in TENSORBOARD_SCALARS:
+            value = values.get(name)
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                event.summary.value.extend(scalar(f"federation/{name}", float(value)).value)
+        self._writer.write_event(event)
+        self._writer.flush()
