@@ -16,12 +16,13 @@ from pathlib import Path
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from safetensors.torch import save_file
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
 from .algorithms.base import Tensors
 
-# Sensible defaults per architecture; anything else falls back to PEFT's own mapping.
+# Sensible defaults per architecture (``config.model_type``); anything else falls back to PEFT's own mapping.
 DEFAULT_TARGET_MODULES: dict[str, list[str]] = {
     "llama": ["q_proj", "v_proj"],
     "mistral": ["q_proj", "v_proj"],
@@ -62,6 +63,17 @@ def model_fingerprint(config: PretrainedConfig) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
 
 
+def default_target_modules(model_config: PretrainedConfig) -> list[str]:
+    """The modules LoRA adapts when ``--target_modules`` is not given: ours, else PEFT's mapping."""
+    model_type = model_config.model_type
+    targets = DEFAULT_TARGET_MODULES.get(model_type) or TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING.get(model_type)
+    if not targets:
+        # PEFT would fail later with a message that does not name our flag.
+        raise ValueError(f"no default LoRA target modules for model type {model_type!r}; "
+                         "pass --target_modules (e.g. q_proj,v_proj)")
+    return list(targets)
+
+
 def build_lora_config(
     model_config: PretrainedConfig,
     *,
@@ -71,12 +83,11 @@ def build_lora_config(
     target_modules: list[str] | None,
     base_model_name_or_path: str | None = None,
 ) -> LoraConfig:
-    targets = target_modules or DEFAULT_TARGET_MODULES.get(model_config.model_type)
     return LoraConfig(
         r=r,
         lora_alpha=alpha,
         lora_dropout=dropout,
-        target_modules=targets,  # None lets PEFT choose from its own per-architecture mapping
+        target_modules=target_modules or default_target_modules(model_config),
         bias="none",
         task_type="CAUSAL_LM",
         base_model_name_or_path=base_model_name_or_path,

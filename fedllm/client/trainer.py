@@ -1,9 +1,11 @@
 """Local training of one client: the base model loaded once, one TRL run per round.
 
 The same class serves the HTTP client and the simulation, so both train identically. Each
-round: load the global adapter, let the algorithm's :class:`~fedllm.algorithms.ClientHook`
-see it, train ``max_steps`` with TRL at the round's learning rate, and return the delta
-(local − global) plus any extra tensors the algorithm uploads.
+round: load the global adapter, evaluate it on the held-out local data (``--local_eval_fraction``),
+let the algorithm's :class:`~fedllm.algorithms.ClientHook` see it, train ``max_steps`` with TRL at
+the round's learning rate, and return the delta (local − global) plus any extra tensors the
+algorithm uploads. SFT and DPO share the whole round; they differ only in the TRL trainer and
+config (:meth:`LocalTrainer._new_trainer`) and in which logged values become metrics (``_LOGGED``).
 """
 
 from __future__ import annotations
@@ -13,12 +15,12 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from peft import LoraConfig, get_peft_model
 from safetensors.torch import load_file, save_file
-from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainerCallback
 
 from ..adapter import (
     get_adapter_tensors,
@@ -32,9 +34,24 @@ from ..algorithms.base import Tensors
 from ..config import ClientArguments, FederationArguments
 from ..fsutil import atomic_write
 
+if TYPE_CHECKING:
+    from datasets import Dataset
+
 log = logging.getLogger("fedllm.client")
 
 LORA_KEYS = ("r", "lora_alpha", "lora_dropout", "target_modules", "bias", "task_type")
+
+# TRL's DPOTrainer takes the reference policy from the adapter of this name when the model has one,
+# and from the base model (all adapters disabled) otherwise.
+REFERENCE_ADAPTER = "ref"
+
+# Values TRL logs at every training step, per task: metric name -> TRL's key. A round reports each one's
+# mean over the round (``train_loss`` for the loss) and its last step's (``final_<name>``); the held-out
+# evaluation reports ``eval_<name>``.
+_LOGGED: dict[str, dict[str, str]] = {
+    "sft": {"loss": "loss"},
+    "dpo": {"loss": "loss", "reward_accuracy": "rewards/accuracies", "reward_margin": "rewards/margins"},
+}
 
 
 class ModelMismatchError(RuntimeError):
@@ -60,13 +77,14 @@ class _HookCallback(TrainerCallback):
 
 
 def _trainer_with_hook(base_cls: type, hook: ClientHook, params: Mapping[str, torch.nn.Parameter]) -> type:
-    """A subclass of a TRL trainer that adds the hook's extra loss (e.g. FedProx's proximal term)."""
+    """A subclass of a TRL trainer that adds the hook's extra loss (e.g. FedProx's proximal term) in training."""
 
     class HookedTrainer(base_cls):
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             result = super().compute_loss(model, inputs, return_outputs=return_outputs,
                                           num_items_in_batch=num_items_in_batch)
-            extra = hook.extra_loss(params)
+            # The term belongs to the local objective, not to the evaluation of the global adapter.
+            extra = hook.extra_loss(params) if model.training else None
             if extra is None:
                 return result
             if return_outputs:
@@ -112,7 +130,7 @@ class LocalTrainer:
         self._check_adapter(server_config["adapter"])
         self.params = trainable_parameters(self.model)
 
-        self.train_dataset = self._load_data()
+        self.train_dataset, self.eval_dataset = self.load_datasets()
         self.num_samples = len(self.train_dataset)
         self.hook = get_algorithm(self.federation.fed_alg, self.federation).client_hook()
         if self.state_path.exists():
@@ -146,14 +164,22 @@ class LocalTrainer:
             diff = sorted(set(local) ^ set(served))[:3] or [k for k in local if local[k] != served.get(k)][:3]
             raise ModelMismatchError(f"this model's LoRA adapter differs from the federation's (e.g. {diff})")
 
-    def _load_data(self):
+    def load_datasets(self, source: str | None = None) -> tuple[Dataset, Dataset | None]:
+        """(train, held-out or None) from ``source`` (default ``--dataset_name``), as this client trains on them.
+
+        The held-out part is ``--local_eval_fraction`` of the examples, seeded by ``--seed``.
+        """
+        return _hold_out(self._load_data(source), self.args.local_eval_fraction, self.args.seed)
+
+    def _load_data(self, source: str | None = None) -> Dataset:
         from ..data import load_dpo_dataset, load_sft_dataset
 
-        if not self.args.dataset_name:
+        source = source or self.args.dataset_name
+        if not source:
             raise ValueError("--dataset_name is required: a local data file, folder or dataset name")
         loader = load_dpo_dataset if self.federation.task == "dpo" else load_sft_dataset
         return loader(
-            self.args.dataset_name,
+            source,
             tokenizer=self.tokenizer,
             template=self.federation.template,
             dataset_format=self.args.dataset_format,
@@ -163,13 +189,15 @@ class LocalTrainer:
         )
 
     # --- one round ---
-    def _training_args(self, round_number: int, learning_rate: float, max_steps: int, output_dir: Path):
-        from trl import SFTConfig
+    def _new_trainer(self, round_number: int, learning_rate: float, max_steps: int) -> Trainer:
+        """This round's TRL trainer (SFTTrainer or DPOTrainer, with the hook), and no DPO reference adapter."""
+        from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
 
-        return SFTConfig(
-            output_dir=str(output_dir),
+        settings: dict[str, Any] = dict(
+            output_dir=str(Path(self.args.output_dir) / "trainer"),
             max_steps=max_steps,
             per_device_train_batch_size=self.args.batch_size,
+            per_device_eval_batch_size=self.args.batch_size,
             gradient_accumulation_steps=self.args.gradient_accumulation_steps,
             learning_rate=learning_rate,
             lr_scheduler_type="constant",  # the schedule across rounds is the server's
@@ -186,43 +214,92 @@ class LocalTrainer:
             disable_tqdm=self.args.quiet,
             dataloader_num_workers=0,
         )
-
-    def train_round(self, global_tensors: Mapping[str, torch.Tensor], round_number: int, learning_rate: float,
-                    max_steps: int) -> RoundResult:
-        from trl import SFTTrainer
-
-        started = time.time()
-        adapter = {k: v for k, v in global_tensors.items() if k in self.params or ".lora_" in k}
-        set_adapter_tensors(self.model, adapter)
-        before = get_adapter_tensors(self.model)
-        self.hook.begin_round(self.params, global_tensors)
-        trainer_cls = _trainer_with_hook(SFTTrainer, self.hook, self.params)
-        trainer = trainer_cls(
+        if self.federation.task == "dpo":
+            trainer_cls, config = DPOTrainer, DPOConfig(**settings, beta=self.federation.dpo_beta)
+        else:
+            trainer_cls, config = SFTTrainer, SFTConfig(**settings)
+        # Given a PeftModel, DPOTrainer's constructor adds a 'ref' copy of the adapter (and refuses to if
+        # one exists); the reference is set per round by train_round instead, so drop it on both sides.
+        self._set_reference(None)
+        trainer = _trainer_with_hook(trainer_cls, self.hook, self.params)(
             model=self.model,
-            args=self._training_args(round_number, learning_rate, max_steps, Path(self.args.output_dir) / "trainer"),
+            args=config,
             train_dataset=self.train_dataset,
+            eval_dataset=self.eval_dataset,
             processing_class=self.tokenizer,
             callbacks=[_HookCallback(self.hook, self.params)],
         )
-        self.train_dataset = trainer.train_dataset  # tokenised once; later rounds reuse it
+        self._set_reference(None)
+        kept, given = len(trainer.train_dataset), len(self.train_dataset)
+        if kept < given:  # TRL drops examples whose prompt alone fills max_length: nothing left to learn
+            message = (f"{given - kept} of {given} examples dropped: their prompt alone fills "
+                       f"--seq_length {self.federation.seq_length}")
+            if kept == 0:
+                raise ValueError(message + "; raise the federation's --seq_length")
+            log.warning(message)
+        # Kept tokenised: SFTTrainer then skips tokenising in later rounds (DPOTrainer redoes it, same result).
+        self.train_dataset, self.eval_dataset = trainer.train_dataset, trainer.eval_dataset
+        return trainer
+
+    def _set_reference(self, adapter: Mapping[str, torch.Tensor] | None) -> None:
+        """DPO's reference policy: a frozen adapter holding ``adapter``, or with None the base model."""
+        if REFERENCE_ADAPTER in self.model.peft_config:
+            self.model.delete_adapter(REFERENCE_ADAPTER)
+        if adapter is not None:
+            # PEFT adds it inactive and not trainable; only the 'default' adapter is trained and uploaded.
+            self.model.add_adapter(REFERENCE_ADAPTER, self.model.peft_config["default"])
+            set_adapter_tensors(self.model, adapter, adapter_name=REFERENCE_ADAPTER)
+
+    def train_round(self, global_tensors: Mapping[str, torch.Tensor], round_number: int, learning_rate: float,
+                    max_steps: int) -> RoundResult:
+        started = time.time()
+        set_adapter_tensors(self.model, global_tensors)
+        trainer = self._new_trainer(round_number, learning_rate, max_steps)
+        metrics = self._evaluate(trainer) if self.eval_dataset is not None else {}
+        if self.federation.task == "dpo" and self.federation.dpo_reference == "global":
+            self._set_reference(global_tensors)
+        before = get_adapter_tensors(self.model)  # after the trainer is built: QLoRA casts the adapter to bf16
+        self.hook.begin_round(self.params, global_tensors)
         trainer.train()
         after = get_adapter_tensors(self.model)
         tensors = {k: after[k] - before[k] for k in after}
         tensors.update(self.hook.end_round(self.params, trainer.state.global_step, learning_rate))
         self._save_hook_state()
-        return RoundResult(tensors, self._metrics(trainer.state.log_history, trainer.state.global_step, started))
+        metrics.update(self._train_metrics(trainer.state.log_history, trainer.state.global_step, started))
+        return RoundResult(tensors, metrics)
+
+    def _evaluate(self, trainer: Trainer) -> dict[str, float]:
+        """The global adapter's loss on the held-out data, before training; for DPO against the base model.
+
+        Against the round's reference (the global adapter itself) the DPO loss would always be log 2.
+        """
+        results = trainer.evaluate()
+        metrics = {"eval_samples": float(len(self.eval_dataset))}
+        for name, key in _LOGGED[self.federation.task].items():
+            if f"eval_{key}" in results:
+                metrics[f"eval_{name}"] = float(results[f"eval_{key}"])
+        return metrics
 
     def _save_hook_state(self) -> None:
         state = {k: v.contiguous() for k, v in self.hook.state_dict().items()}
         if state:
             atomic_write(self.state_path, lambda tmp: save_file(state, tmp))
 
-    def _metrics(self, log_history: list[dict[str, Any]], steps: int, started: float) -> dict[str, float]:
-        step_losses = [h["loss"] for h in log_history if "loss" in h]
-        summary = next((h for h in reversed(log_history) if "train_loss" in h), {})
+    def _train_metrics(self, log_history: list[dict[str, Any]], steps: int, started: float) -> dict[str, float]:
         metrics = {"steps": float(steps), "seconds": time.time() - started}
-        if "train_loss" in summary:
-            metrics["train_loss"] = float(summary["train_loss"])
-        if step_losses:
-            metrics["final_loss"] = float(step_losses[-1])
+        for name, key in _LOGGED[self.federation.task].items():
+            values = [float(h[key]) for h in log_history if key in h]
+            if values:
+                metrics["train_loss" if name == "loss" else name] = sum(values) / len(values)
+                metrics[f"final_{name}"] = values[-1]
         return metrics
+
+
+def _hold_out(dataset: Dataset, fraction: float, seed: int) -> tuple[Dataset, Dataset | None]:
+    """Split ``fraction`` of the examples off (seeded) for the per-round evaluation; (train, eval or None)."""
+    if not 0 <= fraction < 1:
+        raise ValueError(f"--local_eval_fraction must be in [0, 1), got {fraction}")
+    if fraction == 0:
+        return dataset, None
+    split = dataset.train_test_split(test_size=fraction, seed=seed)
+    return split["train"], split["test"]
