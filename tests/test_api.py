@@ -8,6 +8,7 @@ import json
 import shutil
 import sqlite3
 import stat
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -102,10 +103,12 @@ def api(prepared: Path, tmp_path: Path) -> Iterator[Api]:
 
 
 def snapshot(state_dir: Path) -> tuple[dict[str, list[tuple]], list[str]]:
-    """Every row of every table, and every file but the database's own (and any incoming/ leftover)."""
+    """Every row of every table (but ``presence``, when clients last polled), and every file but the database's
+    own (and any incoming/ leftover)."""
     db = sqlite3.connect(state_dir / "state.db")
     try:
-        tables = [r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name")]
+        tables = [r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name")
+                  if r[0] != "presence"]
         rows = {t: sorted(db.execute(f"SELECT * FROM {t}").fetchall(), key=repr) for t in tables}
     finally:
         db.close()
@@ -415,3 +418,21 @@ def test_auth_rejections_change_nothing(secured) -> None:
     assert snapshot(api.state_dir) == before
     ok = api.upload(first, api.delta(), headers={"Authorization": f"Bearer {tokens[first]}"})
     assert ok.status_code == 202
+
+
+def test_polling_updates_last_seen(api: Api) -> None:
+    joined = api.federation.store.clients(api.federation.store.read())["alice"]["last_seen"]
+    time.sleep(0.01)
+    assert api.get("/v1/round").status_code == 200
+    assert api.federation.store.clients(api.federation.store.read())["alice"]["last_seen"] > joined
+
+
+def test_admin_token_cannot_act_as_a_client(prepared: Path, tmp_path: Path) -> None:
+    state_dir = tmp_path / "state"
+    shutil.copytree(prepared / "joined", state_dir)
+    admin = add_token(tmp_path / "tokens.json", None)
+    api = make_api(state_dir, TokenRegistry(tmp_path / "tokens.json"))
+    headers = {"Authorization": f"Bearer {admin}"}
+    assert api.get("/v1/round", headers=headers).status_code == 200  # reads are allowed
+    assert_error(api.join("alice", {"num_samples": 1}, headers=headers), 403, "forbidden")
+    assert_error(api.upload("alice", api.delta(), headers=headers), 403, "forbidden")

@@ -152,6 +152,9 @@ def create_app(
             owner, g.is_admin = tokens.identify(auth[7:].strip())
             # The admin token reads everything and runs operator actions; it never pushes or joins.
             admin_ok = g.is_admin and (request.method == "GET" or request.path.startswith("/v1/admin/"))
+            if owner is None and g.is_admin and not admin_ok:
+                raise ApiError(403, "forbidden", "the admin token reads and runs operator actions; it cannot "
+                                                 "join or push as a client")
             if owner is None and not admin_ok:
                 raise ApiError(401, "unauthorized", "unknown token")
             if owner is not None and owner != client_id and not admin_ok:
@@ -169,6 +172,7 @@ def create_app(
 
     @app.get("/v1/round")
     def get_round():
+        federation.seen(g.client_id)
         return jsonify(federation.status(g.client_id))
 
     @app.get("/v1/config")

@@ -51,6 +51,7 @@ log = logging.getLogger("fedllm.server")
 STATE_GLOBAL_PREFIX = "global."  # fp32 master copy of the adapter inside the state file
 STATE_ALGO_PREFIX = "algo."
 BODY_CHUNK = 1 << 20
+SEEN_INTERVAL = 15.0  # seconds between last_seen writes for a polling client
 
 
 class FileUpdate:
@@ -95,6 +96,7 @@ class Federation:
         adapter_bytes = sum(int(torch.Size(s).numel()) for s in self.upload_spec.values()) * WIRE_DTYPES[
             DTYPE_CODE[self.config.wire_dtype]][1]
         self.max_upload_bytes = max_upload_bytes or 2 * adapter_bytes + (1 << 20)
+        self._last_seen: dict[str, float] = {}
         self._after_aggregation: list[Callable[[int], None]] = []
 
     # ------------------------------------------------------------------ setup
@@ -244,6 +246,15 @@ class Federation:
 
     def history(self) -> list[dict[str, Any]]:
         return self.store.history(self.store.read())
+
+    def seen(self, client_id: str) -> None:
+        """Record that a client polled; at most one durable write per client per SEEN_INTERVAL per process."""
+        now = time.time()
+        if now - self._last_seen.get(client_id, 0.0) < SEEN_INTERVAL:
+            return
+        self._last_seen[client_id] = now
+        with self.store.transaction() as db:
+            self.store.record_presence(db, client_id)
 
     # ------------------------------------------------------------------ writes
     def join(self, client_id: str, num_samples: int) -> dict[str, Any]:

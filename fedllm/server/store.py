@@ -42,6 +42,8 @@ CREATE TABLE IF NOT EXISTS globals (
     version INTEGER PRIMARY KEY, sha256 TEXT NOT NULL, path TEXT NOT NULL, state_path TEXT NOT NULL,
     size INTEGER NOT NULL, created_at REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS history (round INTEGER PRIMARY KEY, record TEXT NOT NULL);
+-- When each client last polled: telemetry for operators, not federation state.
+CREATE TABLE IF NOT EXISTS presence (client_id TEXT PRIMARY KEY, last_seen REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS removed_clients (client_id TEXT PRIMARY KEY, removed_at REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS events (
     id INTEGER PRIMARY KEY AUTOINCREMENT, time REAL NOT NULL, actor TEXT NOT NULL, action TEXT NOT NULL,
@@ -232,8 +234,15 @@ class Store:
 
     @staticmethod
     def clients(db: sqlite3.Connection) -> dict[str, dict[str, Any]]:
-        rows = db.execute("SELECT client_id, num_samples, joined_at, last_seen FROM clients ORDER BY client_id")
+        rows = db.execute(
+            "SELECT c.client_id, c.num_samples, c.joined_at, MAX(c.last_seen, COALESCE(p.last_seen, 0)) "
+            "FROM clients c LEFT JOIN presence p ON p.client_id = c.client_id ORDER BY c.client_id"
+        )
         return {r[0]: {"num_samples": r[1], "joined_at": r[2], "last_seen": r[3]} for r in rows}
+
+    @staticmethod
+    def record_presence(db: sqlite3.Connection, client_id: str) -> None:
+        db.execute("INSERT OR REPLACE INTO presence (client_id, last_seen) VALUES (?, ?)", (client_id, time.time()))
 
     @staticmethod
     def upsert_client(db: sqlite3.Connection, client_id: str, num_samples: int) -> None:
