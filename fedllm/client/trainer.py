@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from peft import LoraConfig, get_peft_model
 from safetensors.torch import load_file, save_file
-from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainerCallback
+from transformers import AutoModelForCausalLM, AutoTokenizer, PrinterCallback, Trainer, TrainerCallback
 
 from ..adapter import (
     get_adapter_tensors,
@@ -230,6 +230,8 @@ class LocalTrainer:
             callbacks=[_HookCallback(self.hook, self.params)],
         )
         self._set_reference(None)
+        if self.args.quiet:  # without progress bars transformers prints every log dict; the client logs its own line
+            trainer.remove_callback(PrinterCallback)
         kept, given = len(trainer.train_dataset), len(self.train_dataset)
         if kept < given:  # TRL drops examples whose prompt alone fills max_length: nothing left to learn
             message = (f"{given - kept} of {given} examples dropped: their prompt alone fills "
