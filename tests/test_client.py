@@ -167,3 +167,15 @@ def test_options_from_a_yaml_file_and_flags(tmp_path, monkeypatch):
     config_file.write_text("no_such_option: 1\n")
     with pytest.raises(SystemExit, match="no_such_option"):
         parse_args((FederationArguments, ServerArguments), ["--config", str(config_file)])
+
+
+def test_num_samples_counts_only_examples_that_fit(federation, tmp_path):
+    """Examples whose prompt alone fills seq_length are dropped by TRL; FedAvg must not weigh them."""
+    rows = [{"instruction": "Name a fruit.", "input": "", "output": "apple"}] * 6
+    rows += [{"instruction": "word " * 200, "input": "", "output": "apple"}] * 4  # beyond seq_length 64
+    data = tmp_path / "mixed.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    trainer = LocalTrainer(federation.client_config(), client_args(data, tmp_path))
+    assert trainer.num_samples == 10
+    trainer.train_round(decode_file(federation.latest_global().path), 1, 1e-2, 1)
+    assert trainer.num_samples == 6

@@ -171,6 +171,14 @@ class LocalTrainer:
         """
         return _hold_out(self._load_data(source), self.args.local_eval_fraction, self.args.seed)
 
+    def use_client(self, train_dataset: Dataset, eval_dataset: Dataset | None, hook: ClientHook,
+                   state_path: Path) -> None:
+        """Train as another data owner from now on (the simulation shares one base model across clients)."""
+        self.train_dataset, self.eval_dataset = train_dataset, eval_dataset
+        self.num_samples = len(train_dataset)
+        self.hook = hook
+        self.state_path = state_path
+
     def _load_data(self, source: str | None = None) -> Dataset:
         from ..data import load_dpo_dataset, load_sft_dataset
 
@@ -241,6 +249,7 @@ class LocalTrainer:
             log.warning(message)
         # Kept tokenised: SFTTrainer then skips tokenising in later rounds (DPOTrainer redoes it, same result).
         self.train_dataset, self.eval_dataset = trainer.train_dataset, trainer.eval_dataset
+        self.num_samples = len(self.train_dataset)  # FedAvg weighs what is trained on, not what was dropped
         return trainer
 
     def _set_reference(self, adapter: Mapping[str, torch.Tensor] | None) -> None:

@@ -1,0 +1,318 @@
+"""A federation of N clients simulated in one process, on the same code as the HTTP deployment.
+
+``python simulate.py`` is the research workflow of OpenFedLLM's ``main_sft.py``. Nothing in it is a
+second implementation of federated learning:
+
+* the server side is a real :class:`~fedllm.server.federation.Federation` running in-process on
+  ``OUTPUT_DIR/state``: the same joins, seeded sampling (``sample_clients``), upload validation,
+  ``run_aggregation`` with the same algorithm objects, state files, adapter directories and history
+  as ``server_http.py``. Any tool that reads a server's ``state_dir`` (``export.py``, ``evaluate.py``)
+  reads a simulation's;
+* the client side is one :class:`~fedllm.client.trainer.LocalTrainer` -- the base model loaded once --
+  that trains every sampled client in turn with that client's own dataset and algorithm-hook state
+  (SCAFFOLD's c_i lives in ``OUTPUT_DIR/clients/<id>/client_state.safetensors``, as in an HTTP
+  client's ``--output_dir``). The delta travels as the same safetensors body an HTTP client uploads.
+
+With the same settings, data and seeds, the final adapter equals the HTTP federation's
+(``tests/test_simulation.py`` checks it). A killed run restarted with the same arguments continues
+from its last completed round: updates already accepted in the open round are kept, and a client's
+hook state becomes current only once its update is accepted.
+
+Modes: ``federated`` (``--fed_alg``), ``local`` (every client trains alone: a one-client FedAvg
+federation per client, which is local training, ``--max_steps`` per round) and ``central`` (all
+clients' data pooled in one trainer, ``--max_steps × --sample_clients`` steps per round: the compute
+of one federated round). ``local`` and ``central`` write the same state layout, under
+``OUTPUT_DIR/local/<client>/state`` and ``OUTPUT_DIR/state``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import logging
+import os
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from safetensors.torch import load_file
+
+from .client.trainer import LocalTrainer, RoundResult
+from .config import ClientArguments, FederationArguments, SimulationArguments
+from .fsutil import atomic_write_bytes, fsync_dir
+from .server.federation import Federation
+from .server.store import Store
+from .wire import decode_file, encode
+
+log = logging.getLogger("fedllm.simulation")
+
+# One client per file: OpenFedLLM/FedIT's local_training_N.json or fedllm.data.split's client_N.jsonl.
+CLIENT_FILE_RE = re.compile(r"^(?:local_training|client)_(\d+)\.(?:json|jsonl|parquet|csv)$")
+CENTRAL_ID = "central"
+# Settings that may change when a run is resumed (they do not change what is computed).
+RESUMABLE_CHANGES = frozenset({"resume", "quiet", "device", "log_format", "output_dir"})
+
+
+@dataclass
+class SimulationResult:
+    mode: str
+    output_dir: Path
+    adapters: dict[str, Path]  # "global" (federated), "central", or each client id (local) -> final PEFT directory
+    history: dict[str, list[dict[str, Any]]]  # the same keys -> the server's history records, one per round
+
+
+def client_files(folder: str | Path) -> list[Path]:
+    """The per-client files of ``folder`` in the order of their number (``local_training_10`` after ``_9``)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ValueError(f"--client_data {folder}: not a folder")
+    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := CLIENT_FILE_RE.match(p.name))]
+    if not found:
+        raise ValueError(f"--client_data {folder}: no local_training_N.json or client_N.jsonl files")
+    numbers = [n for n, _ in found]
+    if len(set(numbers)) != len(numbers):
+        raise ValueError(f"--client_data {folder}: two files with the same client number")
+    return [p for _, p in sorted(found)]
+
+
+def client_sources(
+    federation: FederationArguments, dataset_name: str | None, sim: SimulationArguments, output_dir: Path
+) -> dict[str, str]:
+    """Client id -> its data file: the files of ``--client_data``, or ``--dataset_name`` split on the fly.
+
+    A split is written to ``OUTPUT_DIR/client_data/client_N.jsonl`` (seeded by ``--seed``, so a resumed
+    run writes the same files); ``--split_field`` names a field of the raw records.
+    """
+    if sim.client_data and dataset_name:
+        raise ValueError("give --client_data (a folder of per-client files) or --dataset_name (split on the fly), "
+                         "not both")
+    if sim.client_data:
+        files = client_files(sim.client_data)
+        if len(files) != federation.num_clients:
+            raise ValueError(f"--client_data {sim.client_data} holds {len(files)} clients but --num_clients is "
+                             f"{federation.num_clients}; set --num_clients {len(files)}")
+        return {f"client_{CLIENT_FILE_RE.match(p.name).group(1)}": str(p) for p in files}
+    if not dataset_name:
+        raise ValueError("give --client_data (a folder of per-client files) or --dataset_name (split on the fly)")
+    from .data import load_records
+    from .data.split import split_records, write_clients
+
+    shares = split_records(load_records(dataset_name), federation.num_clients, sim.split_strategy,
+                           field=sim.split_field, alpha=sim.split_alpha, seed=federation.seed)
+    paths = write_clients(shares, output_dir / "client_data")
+    return {f"client_{i}": str(p) for i, p in enumerate(paths)}
+
+
+class SimulatedClients:
+    """N clients sharing one :class:`LocalTrainer` (one base model in memory).
+
+    Each client keeps its own data -- training examples and, with ``--local_eval_fraction``, its held-out
+    examples, both tokenised by TRL on the client's first round and then reused --, its sample count and
+    its algorithm-hook state. :meth:`train` points the trainer at one client and runs the trainer's own
+    ``train_round``.
+    """
+
+    def __init__(self, trainer: LocalTrainer, clients_dir: Path):
+        self.trainer = trainer
+        self.clients_dir = clients_dir
+        self.datasets: dict[str, tuple[Any, Any]] = {}  # client id -> (train, held-out or None)
+
+    @classmethod
+    def load(cls, server_config: Mapping[str, Any], client_args: ClientArguments, sources: Mapping[str, str],
+             clients_dir: Path) -> SimulatedClients:
+        """Load the base model once (with the first client's data) and every client's data."""
+        first, *_ = sources
+        trainer = LocalTrainer(server_config, dataclasses.replace(client_args, dataset_name=sources[first]),
+                               state_dir=clients_dir / first)
+        pool = cls(trainer, clients_dir)
+        pool.datasets[first] = (trainer.train_dataset, trainer.eval_dataset)
+        for client_id, source in sources.items():
+            if client_id not in pool.datasets:
+                pool.datasets[client_id] = trainer.load_datasets(source)
+        return pool
+
+    def num_samples(self, client_id: str) -> int:
+        return len(self.datasets[client_id][0])
+
+    def state_file(self, client_id: str) -> Path:
+        return self.clients_dir / client_id / "client_state.safetensors"
+
+    def _pending_state_file(self, client_id: str, round_number: int) -> Path:
+        return self.clients_dir / client_id / f"client_state.r{round_number:06d}.pending.safetensors"
+
+    def use_client(self, client_id: str, federation: Federation, round_number: int) -> None:
+        """Point the shared trainer at ``client_id``: its dataset, sample count and hook state.
+
+        The hook state of the round is written to a pending file; :meth:`commit` makes it the client's
+        state once the update is accepted.
+        """
+        hook = federation.algorithm.client_hook()
+        if self.state_file(client_id).exists():
+            hook.load_state_dict(load_file(str(self.state_file(client_id))))
+        self.trainer.use_client(*self.datasets[client_id], hook, self._pending_state_file(client_id, round_number))
+
+    def train(self, client_id: str, federation: Federation, global_tensors: Mapping[str, Any], round_number: int,
+              learning_rate: float, max_steps: int) -> RoundResult:
+        self.use_client(client_id, federation, round_number)
+        result = self.trainer.train_round(global_tensors, round_number, learning_rate, max_steps)
+        self.datasets[client_id] = (self.trainer.train_dataset, self.trainer.eval_dataset)  # tokenised: reused
+        return result
+
+    def commit(self, client_id: str, round_number: int) -> None:
+        """The update of ``round_number`` was accepted: its hook state becomes the client's."""
+        pending = self._pending_state_file(client_id, round_number)
+        if pending.exists():
+            os.replace(pending, self.state_file(client_id))
+            fsync_dir(pending.parent)
+
+    def recover(self, store: Store, client_ids: Sequence[str]) -> None:
+        """After a crash: commit the pending state of accepted updates, drop the others (retrained later)."""
+        pattern = re.compile(r"client_state\.r(\d+)\.pending\.safetensors")
+        for client_id in client_ids:
+            folder = self.clients_dir / client_id
+            for pending in sorted(folder.glob("client_state.r*.pending.safetensors")) if folder.exists() else []:
+                round_number = int(pattern.fullmatch(pending.name).group(1))
+                if store.get_update(store.read(), round_number, client_id) is not None:
+                    self.commit(client_id, round_number)
+                else:
+                    pending.unlink()
+
+
+def open_federation(config: FederationArguments, state_dir: Path) -> Federation:
+    """Create (or resume, with the same settings) a federation in ``state_dir``."""
+    Federation.initialize(config, state_dir)
+    return Federation(Store(state_dir))
+
+
+def submit(federation: Federation, client_id: str, round_number: int, num_samples: int, result: RoundResult) -> None:
+    """Hand a client's update to the federation as the same safetensors body an HTTP client uploads."""
+    body = encode(result.tensors, federation.config.wire_dtype,
+                  metadata={k: repr(float(v)) for k, v in result.metrics.items()})
+    federation.receive_update(client_id, round_number, num_samples, io.BytesIO(body).read, len(body), None)
+
+
+RoundCallback = Callable[[str, dict[str, Any]], None]
+
+
+def run_federation(federation: Federation, clients: SimulatedClients, client_ids: Sequence[str], *, name: str,
+                   history_file: Path, on_round: RoundCallback | None = None) -> list[dict[str, Any]]:
+    """Drive ``federation`` to its end: every round, train the sampled clients in turn, submit, aggregate."""
+    for client_id in client_ids:
+        federation.join(client_id, clients.num_samples(client_id))  # a rejoin on resume changes nothing
+    clients.recover(federation.store, client_ids)
+
+    def finished_round() -> None:
+        history = federation.history()
+        atomic_write_bytes(history_file, json.dumps(history, indent=1).encode())
+        if on_round is not None:
+            on_round(name, history[-1])
+
+    while True:
+        while federation.tick():  # a round closed before a restart
+            finished_round()
+        status = federation.status()
+        if status["phase"] == "finished":
+            return federation.history()
+        round_number = status["round"]
+        global_tensors = decode_file(federation.latest_global().path)
+        round_config = federation.round_training_config(round_number)
+        for client_id in status["sampled"]:
+            if client_id in status["received"]:
+                continue  # accepted before a restart
+            result = clients.train(client_id, federation, global_tensors, round_number,
+                                   round_config["learning_rate"], round_config["max_steps"])
+            submit(federation, client_id, round_number, clients.num_samples(client_id), result)
+            clients.commit(client_id, round_number)
+        if not federation.tick():
+            raise RuntimeError(f"round {round_number} did not aggregate; state in {federation.store.root}")
+        finished_round()
+
+
+def print_round(name: str, record: Mapping[str, Any]) -> None:
+    """One line per aggregated round (the demo's table)."""
+    loss = record.get("train_loss")
+    loss_text = f"{loss:10.4f}" if isinstance(loss, (int, float)) else f"{'n/a':>10}"
+    prefix = f"{name:>10} " if name else ""
+    print(f"{prefix}{record['round']:5d} {len(record['participants']):8d}  {loss_text} {record['seconds']:8.1f}",
+          flush=True)
+
+
+def _check_resumable(output_dir: Path, settings: dict[str, Any], resume: bool) -> None:
+    """Refuse to continue a run made with other settings (or any run, with ``--resume false``)."""
+    path = output_dir / "simulation.json"
+    if not resume and any((output_dir / name).exists() for name in ("simulation.json", "state", "local")):
+        raise ValueError(f"{output_dir} holds a simulation; use --resume true to continue it, or a new --output_dir")
+    if path.exists():
+        stored = json.loads(path.read_text())
+        diff = {}
+        for group, values in settings.items():
+            for key, value in values.items():
+                old = stored.get(group, {}).get(key, value)
+                if key not in RESUMABLE_CHANGES and old != value:
+                    diff[key] = (old, value)
+        if diff:
+            details = ", ".join(f"--{k} {new!r} (the run has {old!r})" for k, (old, new) in sorted(diff.items()))
+            raise ValueError(f"{output_dir} holds a simulation with other settings: {details}. "
+                             "Use the same settings to resume, or a new --output_dir.")
+
+
+def run_simulation(
+    federation: FederationArguments,
+    client: Any,
+    sim: SimulationArguments,
+    *,
+    on_round: RoundCallback | None = print_round,
+) -> SimulationResult:
+    """Run (or resume) one simulation; ``client`` is a ``SimulatedClientArguments`` (or ``ClientArguments``)."""
+    output_dir = Path(sim.output_dir)
+    client_settings = {k: v for k, v in dataclasses.asdict(client).items()
+                       if k in {f.name for f in dataclasses.fields(ClientArguments)}}
+    settings = {"federation": dataclasses.asdict(federation), "client": client_settings,
+                "simulation": dataclasses.asdict(sim)}
+    federation.validate()
+    _check_resumable(output_dir, settings, sim.resume)
+    client_settings.update(seed=sim.client_seed, output_dir=str(output_dir), model_name_or_path=None)
+    client_args = ClientArguments(**client_settings)
+    sources = client_sources(federation, client_args.dataset_name, sim, output_dir)
+    # A simulated round never times out: every sampled client trains, however long it takes.
+    config = dataclasses.replace(federation, round_timeout=0.0)
+    one_client = dict(num_clients=1, sample_clients=1, min_fit_clients=1, fed_alg="fedavg")
+
+    if sim.mode == "federated":
+        runs = {"global": (config, output_dir, list(sources))}
+    elif sim.mode == "local":
+        runs = {cid: (dataclasses.replace(config, **one_client), output_dir / "local" / cid, [cid]) for cid in sources}
+    elif sim.mode == "central":
+        central = dataclasses.replace(config, **one_client, max_steps=config.max_steps * config.sample_clients)
+        runs = {CENTRAL_ID: (central, output_dir, [CENTRAL_ID])}
+    else:
+        raise ValueError(f"unknown --mode {sim.mode!r}; choose federated, local or central")
+
+    federations: dict[str, Federation] = {}
+    try:
+        for name, (cfg, run_dir, _) in runs.items():
+            federations[name] = open_federation(cfg, run_dir / "state")
+        # Written once the settings proved valid, so a mistyped first attempt does not pin them.
+        atomic_write_bytes(output_dir / "simulation.json", json.dumps(settings, indent=1, sort_keys=True).encode())
+        first = next(iter(federations.values()))
+        clients = SimulatedClients.load(first.client_config(), client_args, sources, output_dir / "clients")
+        if sim.mode == "central":
+            import datasets
+
+            train, held_out = zip(*(clients.datasets[c] for c in sources), strict=True)
+            clients.datasets[CENTRAL_ID] = (datasets.concatenate_datasets(list(train)),
+                                            None if held_out[0] is None else datasets.concatenate_datasets(list(held_out)))
+        result = SimulationResult(sim.mode, output_dir, {}, {})
+        for name, (_, run_dir, ids) in runs.items():
+            fed = federations[name]
+            label = name if sim.mode == "local" else ""
+            result.history[name] = run_federation(fed, clients, ids, name=label, history_file=run_dir / "history.json",
+                                                  on_round=on_round)
+            result.adapters[name] = fed.output_dir / "final"
+        return result
+    finally:
+        for fed in federations.values():
+            fed.store.close()
