@@ -7,9 +7,19 @@ the entry point that documents them. Options can also come from a YAML/JSON file
 
 from __future__ import annotations
 
-from fedllm.config import ClientArguments, FederationArguments, ServerArguments, parse_args
+from fedllm.config import (
+    ClientArguments,
+    EvaluationArguments,
+    FederationArguments,
+    ServerArguments,
+    SimulationArguments,
+    parse_args,
+)
 
-__all__ = ["ClientArguments", "FederationArguments", "ServerArguments", "parse_args"]
+__all__ = [
+    "ClientArguments", "EvaluationArguments", "FederationArguments", "ServerArguments", "SimulationArguments",
+    "parse_args",
+]
 
 
 def describe() -> str:
@@ -18,7 +28,9 @@ def describe() -> str:
     parts = []
     for group, used_by in ((FederationArguments, "server_http.py / run_server.sh (served to clients)"),
                            (ServerArguments, "server_http.py / run_server.sh"),
-                           (ClientArguments, "client_http.py / run_client.sh")):
+                           (ClientArguments, "client_http.py / run_client.sh"),
+                           (SimulationArguments, "simulate.py (with the federation and client options)"),
+                           (EvaluationArguments, "evaluate.py")):
         parser = HfArgumentParser((group,), prog=used_by, usage=f"{group.__name__} options")
         parts.append(f"== {group.__name__}: {group.__doc__.strip()}\n" + parser.format_help().split("options:", 1)[-1])
     return "\n".join(parts)
