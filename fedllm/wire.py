@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import struct
 from collections.abc import Mapping
 from pathlib import Path
@@ -18,6 +19,8 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as _save_bytes
+
+from .threads import torch_threads
 
 # safetensors dtype code -> (torch dtype, bytes per element); only floating types travel.
 WIRE_DTYPES: dict[str, tuple[torch.dtype, int]] = {
@@ -31,6 +34,12 @@ KNOWN_DTYPE_SIZES = {
     "I32": 4, "U32": 4, "F32": 4, "F64": 8, "I64": 8, "U64": 8,
 }
 DTYPE_CODE = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
+# Dtype codes TensorFile can read into torch tensors.
+_TORCH_DTYPES: dict[str, torch.dtype] = {
+    **{code: dtype for code, (dtype, _) in WIRE_DTYPES.items()},
+    "F64": torch.float64, "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+    "U8": torch.uint8, "BOOL": torch.bool,
+}
 MAX_HEADER_BYTES = 16 * 1024 * 1024
 CHUNK = 1 << 20
 
@@ -81,6 +90,12 @@ def parse_header(path: str | Path) -> tuple[dict[str, dict], dict[str, str]]:
 
     Raises :class:`WireError` (400) for anything that is not a well-formed safetensors file.
     """
+    header, metadata, _data_start = _parse_header(path)
+    return header, metadata
+
+
+def _parse_header(path: str | Path) -> tuple[dict[str, dict], dict[str, str], int]:
+    """:func:`parse_header`, plus the file offset where the tensor data starts."""
     path = Path(path)
     size = path.stat().st_size
     with open(path, "rb") as f:
@@ -132,7 +147,67 @@ def parse_header(path: str | Path) -> tuple[dict[str, dict], dict[str, str]]:
         position = end
     if position != data_len:
         raise WireError(400, f"safetensors data is {data_len} bytes but the tensors cover {position}")
-    return header, metadata
+    return header, metadata, 8 + header_len
+
+
+class TensorFile:
+    """The tensors of a safetensors file, read one at a time with positioned reads (no memory map).
+
+    A memory map (``safe_open``) keeps every page it has touched resident until it is closed, so
+    reading K files through maps makes a process's resident memory grow with K. Here each
+    :meth:`get` copies one tensor into fresh memory, freed as soon as the tensor is dropped. The
+    file's structure is checked by :func:`parse_header` when it is opened (:class:`WireError`, 400).
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = str(path)
+        self.header, self.metadata, self._data_start = _parse_header(self.path)
+        self._fd: int | None = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+
+    def keys(self) -> list[str]:
+        """Tensor names, sorted (as ``safe_open(...).keys()`` lists them)."""
+        return sorted(self.header)
+
+    def get(self, name: str, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The named tensor, in the file's dtype; read into ``out`` when it has that dtype and shape."""
+        info = self.header[name]
+        code = info["dtype"]
+        if code not in _TORCH_DTYPES:
+            raise WireError(400, f"tensor {name!r}: dtype {code} cannot be read")
+        dtype = _TORCH_DTYPES[code]
+        if out is not None and out.dtype == dtype and list(out.shape) == info["shape"] and out.is_contiguous():
+            tensor = out
+        else:
+            tensor = torch.empty(info["shape"], dtype=dtype)
+        begin, end = info["data_offsets"]
+        if end > begin:
+            self._read_into(tensor.view(-1).view(torch.uint8).numpy(), self._data_start + begin)
+        return tensor
+
+    def _read_into(self, buffer, offset: int) -> None:
+        if self._fd is None:
+            raise ValueError(f"{self.path} is closed")
+        view = memoryview(buffer).cast("B")
+        done = 0
+        while done < len(view):
+            count = os.preadv(self._fd, [view[done:]], offset + done)
+            if count <= 0:
+                raise WireError(400, f"{self.path} ended before its tensor data")
+            done += count
+
+    def close(self) -> None:
+        if getattr(self, "_fd", None) is not None:  # also after a failed __init__
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self) -> TensorFile:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        self.close()
 
 
 def validate_tensors_file(
@@ -156,10 +231,24 @@ def validate_tensors_file(
         if tuple(info["shape"]) != tuple(expected[name]):
             raise WireError(422, f"tensor {name!r} has shape {info['shape']}, expected {list(expected[name])}")
     try:
-        with safe_open(str(path), framework="pt") as f:
-            for name in header:
-                if not torch.isfinite(f.get_tensor(name)).all():
-                    raise WireError(422, f"tensor {name!r} has NaN or infinite values")
-    except SafetensorError as exc:  # whatever the library rejects beyond the checks above (e.g. lone surrogates)
+        with safe_open(str(path), framework="pt"):
+            pass  # the library's own header checks, beyond the ones above (e.g. lone surrogates)
+    except SafetensorError as exc:
         raise WireError(400, f"not a valid safetensors file: {exc}") from None
+    # Read one tensor at a time (no memory map: a large upload never becomes resident all at once).
+    with TensorFile(path) as f, torch_threads(1):
+        for name in header:
+            if not all_finite(f.get(name)):
+                raise WireError(422, f"tensor {name!r} has NaN or infinite values")
     return metadata
+
+
+def all_finite(tensor: torch.Tensor) -> bool:
+    """Whether every value is finite: exactly when its minimum and maximum are (both propagate NaN).
+
+    One pass with no temporary, about 4× faster than ``torch.isfinite(tensor).all()``.
+    """
+    if tensor.numel() == 0:
+        return True
+    low, high = torch.aminmax(tensor)
+    return bool(torch.isfinite(low)) and bool(torch.isfinite(high))

@@ -19,6 +19,8 @@ from typing import Any, ClassVar, Protocol
 
 import torch
 
+from ..threads import torch_threads
+
 Tensors = dict[str, torch.Tensor]
 
 # Prefix of the control-variate tensors that travel in the same safetensors file as the adapter.
@@ -57,21 +59,33 @@ class InMemoryUpdate:
 def weighted_mean_delta(updates: Sequence[Update], names: Iterable[str]) -> Tensors:
     """Δ̄ = Σ_i (n_i / n_S) Δ_i, accumulated one update at a time in float32.
 
-    Memory is one adapter for the accumulator plus one tensor of one update.
+    Memory is one adapter for the accumulator plus one tensor of one update. An update with a
+    ``read_into(name, out)`` method (the server's file-backed updates) is read into one reused buffer
+    per shape (``out=None``: a new tensor the caller owns) instead of a new tensor per read.
     """
     names = list(names)
     total = sum(u.num_samples for u in updates)
     if not updates or total <= 0:
         raise ValueError("aggregation needs at least one update with num_samples > 0")
     acc: Tensors = {}
+    buffers: dict[torch.Size, torch.Tensor] = {}
     for update in updates:
         weight = update.num_samples / total
+        read_into = getattr(update, "read_into", None)
         for name in names:
-            delta = update.get(name)
-            if name in acc:
-                acc[name].add_(delta, alpha=weight)
+            if read_into is None:
+                delta = update.get(name)
+                if name in acc:
+                    acc[name].add_(delta, alpha=weight)
+                else:
+                    acc[name] = delta.mul(weight)
+            elif name in acc:
+                shape = acc[name].shape
+                if shape not in buffers:
+                    buffers[shape] = torch.empty(shape, dtype=torch.float32)
+                acc[name].add_(read_into(name, buffers[shape]), alpha=weight)
             else:
-                acc[name] = delta.mul(weight)
+                acc[name] = read_into(name, None).mul_(weight)  # a tensor of our own: scaled in place
     return acc
 
 
@@ -152,7 +166,11 @@ class MeanDeltaAlgorithm(FedAlgorithm):
     def server_step(
         self, global_params: Mapping[str, torch.Tensor], mean_delta: Tensors, state: Mapping[str, torch.Tensor]
     ) -> tuple[Tensors, Tensors]:
-        """Return the new global adapter and state given Δ̄."""
+        """Return the new global adapter and state given Δ̄.
+
+        ``mean_delta`` is built for this call alone: an implementation may reuse its tensors for the
+        result (FedOpt writes the new global into them, to hold one adapter less).
+        """
 
 
 class ClippedUpdate:
@@ -207,4 +225,5 @@ def run_aggregation(
     max_norm = getattr(algorithm.config, "max_update_norm", 0.0) or 0.0
     if max_norm > 0:
         updates = [ClippedUpdate(u, global_params.keys(), max_norm) for u in updates]
-    return algorithm.aggregate(global_params, updates, state)
+    with torch_threads(1):  # memory-bound elementwise work: one thread never waits for a second core
+        return algorithm.aggregate(global_params, updates, state)

@@ -16,7 +16,9 @@ class FedMedian(CoordinateWiseAlgorithm):
 
     def reduce(self, stacked: torch.Tensor) -> torch.Tensor:
         k = stacked.shape[0]
-        ordered = stacked.sort(dim=0).values
+        # The k//2 + 1 smallest values in ascending order are exactly the first k//2 + 1 of a full sort,
+        # and all the median needs; selecting them is several times faster than sorting all K.
+        ordered = stacked.topk(k // 2 + 1, dim=0, largest=False, sorted=True).values
         if k % 2:
             return ordered[k // 2]
         return (ordered[k // 2 - 1] + ordered[k // 2]) / 2

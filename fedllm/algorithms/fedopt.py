@@ -47,14 +47,24 @@ class FedOpt(MeanDeltaAlgorithm):
         eta, tau, beta1 = self.config.fedopt_eta, self.config.fedopt_tau, self.config.fedopt_beta1
         new_global: Tensors = {}
         new_state: Tensors = {}
+        scratch: dict[torch.Size, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}  # per shape, reused
         for k, w in global_params.items():
             delta = mean_delta[k]
+            if delta.shape not in scratch:
+                scratch[delta.shape] = tuple(torch.empty_like(delta, dtype=torch.float32) for _ in range(3))
+            delta_sq, update, denominator = scratch[delta.shape]
             if self.uses_first_moment:
                 step = state[FIRST_MOMENT_PREFIX + k].mul(beta1).add_(delta, alpha=1 - beta1)
                 new_state[FIRST_MOMENT_PREFIX + k] = step
             else:
                 step = delta
-            v = self.second_moment(state[SECOND_MOMENT_PREFIX + k], delta.square())
+            v = self.second_moment(state[SECOND_MOMENT_PREFIX + k], torch.square(delta, out=delta_sq))
             new_state[SECOND_MOMENT_PREFIX + k] = v
-            new_global[k] = w.to(torch.float32) + eta * step / (v.sqrt() + tau)
+            if v.untyped_storage().data_ptr() == delta_sq.untyped_storage().data_ptr():  # v kept Δ̄²'s buffer
+                scratch[delta.shape] = (torch.empty_like(delta_sq), update, denominator)
+            # w + η·step/(√v + τ): the same operations in the same order (so the same bits), in reused
+            # buffers, and the result written into Δ̄'s own buffer (no longer needed, see server_step):
+            # the step holds Δ̄, m and v -- three adapters -- and a few tensors, not four adapters.
+            torch.mul(step, eta, out=update).div_(torch.sqrt(v, out=denominator).add_(tau))
+            new_global[k] = torch.add(update, w.to(torch.float32), out=delta)
         return new_global, new_state

@@ -20,7 +20,16 @@ def stacked_deltas(updates: Sequence[Update], name: str) -> torch.Tensor:
     """The K deltas of tensor ``name``, stacked into a float32 ``K × shape`` tensor."""
     if not updates:
         raise ValueError("aggregation needs at least one update")
-    return torch.stack([u.get(name) for u in updates])
+    first = updates[0].get(name)
+    stacked = torch.empty((len(updates), *first.shape), dtype=first.dtype)
+    stacked[0] = first
+    for i, update in enumerate(updates[1:], start=1):  # filled in place: K tensors in memory, not 2K
+        tensor = update.get(name)
+        if tensor.shape != first.shape:
+            raise ValueError(f"tensor {name!r} of {update.client_id!r} has shape {tuple(tensor.shape)}, "
+                             f"expected {tuple(first.shape)}")
+        stacked[i] = tensor
+    return stacked
 
 
 class CoordinateWiseAlgorithm(FedAlgorithm):

@@ -7,6 +7,7 @@ import hashlib
 import logging
 import random
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +32,11 @@ class ServerError(Exception):
 
 
 class _ProgressReader:
-    """A file-like body that reports upload progress; ``len`` gives requests the Content-Length."""
+    """A file body sent in ``CHUNK`` pieces that reports upload progress; ``len`` gives requests the Content-Length.
+
+    Iterable rather than file-like on purpose: urllib3 reads a file-like body 16 KiB at a time, which
+    made a 160 MB upload spend 2.7× longer in the client than 1 MiB pieces (bench/transfer.py).
+    """
 
     def __init__(self, path: Path, bar: tqdm):
         self._file = open(path, "rb")
@@ -41,10 +46,10 @@ class _ProgressReader:
     def __len__(self) -> int:
         return self._size
 
-    def read(self, size: int = -1) -> bytes:
-        chunk = self._file.read(size)
-        self._bar.update(len(chunk))
-        return chunk
+    def __iter__(self) -> Iterator[bytes]:
+        while chunk := self._file.read(CHUNK):
+            self._bar.update(len(chunk))
+            yield chunk
 
     def close(self) -> None:
         self._file.close()

@@ -19,6 +19,7 @@ import logging
 import os
 import random
 import shutil
+import sqlite3
 import time
 from collections.abc import Callable, Mapping
 from contextlib import contextmanager, suppress
@@ -42,7 +43,7 @@ from ..algorithms.base import Tensors
 from ..config import FederationArguments
 from ..faults import fault_point
 from ..fsutil import atomic_write, fsync_dir
-from ..wire import DTYPE_CODE, WIRE_DTYPES, WireError, validate_tensors_file
+from ..wire import DTYPE_CODE, WIRE_DTYPES, TensorFile, WireError, sha256_file, validate_tensors_file
 from .errors import ApiError
 from .store import GlobalRow, RoundRow, Store, UpdateRow
 
@@ -55,18 +56,26 @@ SEEN_INTERVAL = 15.0  # seconds between last_seen writes for a polling client
 
 
 class FileUpdate:
-    """An accepted update read lazily from its safetensors file (one tensor at a time)."""
+    """An accepted update read lazily from its safetensors file (one tensor at a time).
+
+    Positioned reads, not a memory map: a tensor is freed once the algorithm drops it, so the
+    server's resident memory does not grow with the number of updates in a round.
+    """
 
     def __init__(self, row: UpdateRow, path: str | Path | None = None):
         self.client_id = row.client_id
         self.num_samples = row.num_samples
-        self._handle = safe_open(str(path or row.path), framework="pt")
+        self._file = TensorFile(path or row.path)
 
     def get(self, name: str) -> torch.Tensor:
-        return self._handle.get_tensor(name).to(torch.float32)
+        return self._file.get(name).to(torch.float32)
+
+    def read_into(self, name: str, out: torch.Tensor | None) -> torch.Tensor:
+        """``get(name)``, read into ``out`` (a float32 buffer of its shape) when the file holds float32."""
+        return self._file.get(name, out=out).to(torch.float32)
 
     def names(self):
-        return self._handle.keys()
+        return self._file.keys()
 
 
 def sample_clients(client_ids: list[str], k: int, seed: int, round_number: int) -> list[str]:
@@ -174,7 +183,7 @@ class Federation:
         state_tensors = {STATE_GLOBAL_PREFIX + k: v.contiguous() for k, v in adapter.items()}
         state_tensors.update({STATE_ALGO_PREFIX + k: v.contiguous() for k, v in state.items()})
         spath = atomic_write(store.state_path(version), lambda tmp: save_file(state_tensors, tmp))
-        digest = hashlib.sha256(gpath.read_bytes()).hexdigest()
+        digest = sha256_file(gpath)  # in chunks: never a second copy of the adapter in memory
         return GlobalRow(version, digest, store.relative(gpath), store.relative(spath), gpath.stat().st_size,
                          time.time())
 
@@ -253,8 +262,11 @@ class Federation:
         if now - self._last_seen.get(client_id, 0.0) < SEEN_INTERVAL:
             return
         self._last_seen[client_id] = now
-        with self.store.transaction() as db:
-            self.store.record_presence(db, client_id)
+        try:
+            with self.store.transaction() as db:
+                self.store.record_presence(db, client_id)
+        except (sqlite3.Error, OSError) as exc:  # bookkeeping only: a full or read-only disk must not fail a poll
+            log.warning("could not record that %s polled: %s", client_id, exc)
 
     # ------------------------------------------------------------------ writes
     def join(self, client_id: str, num_samples: int) -> dict[str, Any]:
