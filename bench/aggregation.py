@@ -11,7 +11,6 @@ state -- are part of that baseline).
 
 from __future__ import annotations
 
-import argparse
 import gc
 import resource
 import shutil
@@ -30,6 +29,7 @@ from .common import (
     MiB,
     Table,
     Target,
+    benchmark_main,
     interleaved,
     proc_status,
     random_adapter,
@@ -298,12 +298,7 @@ def run(out_dir: Path = RESULTS_DIR, quick: bool = False, workdir: Path | None =
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--quick", action="store_true", help="small sizes (seconds)")
-    parser.add_argument("--out", type=Path, default=RESULTS_DIR)
-    args = parser.parse_args(argv)
-    document = run(args.out, quick=args.quick)
-    print((args.out / f"{NAME}.md").read_text() if document else "")
+    benchmark_main(NAME, __doc__, run, argv)
 
 
 if __name__ == "__main__":

@@ -417,3 +417,15 @@ def run_forked(fn: Callable[..., Any], *args: Any) -> Any:
     if kind == "error":
         raise RuntimeError(f"{getattr(fn, '__name__', fn)} failed in a forked child:\n{value}")
     return value
+
+
+def benchmark_main(name: str, description: str | None, run: Callable[..., Any], argv: list[str] | None = None) -> None:
+    """The command line every benchmark module shares: ``--quick``, ``--out``; prints its markdown table."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--quick", action="store_true", help="small sizes (seconds)")
+    parser.add_argument("--out", type=Path, default=RESULTS_DIR)
+    args = parser.parse_args(argv)
+    if run(args.out, quick=args.quick):
+        print((args.out / f"{name}.md").read_text())

@@ -10,7 +10,6 @@ RSS is watched: the body must stream to disk, never sit in memory.
 
 from __future__ import annotations
 
-import argparse
 import concurrent.futures
 import shutil
 import socket
@@ -37,6 +36,7 @@ from .common import (
     ServerProcess,
     Table,
     Target,
+    benchmark_main,
     proc_status,
     random_adapter,
     reset_peak_rss,
@@ -346,12 +346,7 @@ def run(out_dir: Path = RESULTS_DIR, quick: bool = False, workdir: Path | None =
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--quick", action="store_true", help="small sizes (seconds)")
-    parser.add_argument("--out", type=Path, default=RESULTS_DIR)
-    args = parser.parse_args(argv)
-    run(args.out, quick=args.quick)
-    print((args.out / f"{NAME}.md").read_text())
+    benchmark_main(NAME, __doc__, run, argv)
 
 
 if __name__ == "__main__":

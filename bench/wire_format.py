@@ -8,7 +8,6 @@ baseline is the format of a known Flask fork of OpenFedLLM: the state dict as JS
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 import statistics
@@ -26,6 +25,7 @@ from .common import (
     AdapterSize,
     Table,
     Target,
+    benchmark_main,
     interleaved,
     random_adapter,
     write_results,
@@ -124,12 +124,7 @@ def run(out_dir: Path = RESULTS_DIR, quick: bool = False, workdir: Path | None =
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--quick", action="store_true", help="small sizes (seconds)")
-    parser.add_argument("--out", type=Path, default=RESULTS_DIR)
-    args = parser.parse_args(argv)
-    run(args.out, quick=args.quick)
-    print((args.out / f"{NAME}.md").read_text())
+    benchmark_main(NAME, __doc__, run, argv)
 
 
 if __name__ == "__main__":
