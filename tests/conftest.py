@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -23,6 +24,20 @@ SHARED_DATASETS = ROOT.parent / "shared" / "datasets"
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     return build_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), seed=0)
+
+
+def joined_copy(source: Path, dest: Path, clients: dict[str, int]) -> Path:
+    """A copy of an initialised state dir in which every client of ``clients`` (id -> num_samples) joined."""
+    from fedllm.server.federation import Federation
+    from fedllm.server.store import Store
+
+    shutil.copytree(source, dest)
+    store = Store(dest)
+    federation = Federation(store)
+    for client, n in clients.items():
+        federation.join(client, n)
+    store.close()
+    return dest
 
 
 def free_port() -> int:

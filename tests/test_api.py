@@ -28,6 +28,8 @@ from fedllm.server.federation import Federation
 from fedllm.server.store import Store
 from fedllm.wire import encode
 
+from .conftest import joined_copy
+
 CLIENTS = {"alice": 10, "bob": 30, "carol": 60}
 
 
@@ -38,12 +40,7 @@ def prepared(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     config = FederationArguments(model_name_or_path=str(tiny_model_dir), num_clients=3, sample_clients=2,
                                  num_rounds=3, peft_lora_r=4, round_timeout=0, save_model_freq=0)
     Federation.initialize(config, root / "fresh")
-    shutil.copytree(root / "fresh", root / "joined")
-    store = Store(root / "joined")
-    fed = Federation(store)
-    for client, n in CLIENTS.items():
-        fed.join(client, n)
-    store.close()
+    joined_copy(root / "fresh", root / "joined", CLIENTS)
     return root
 
 

@@ -20,6 +20,8 @@ from fedllm.server.federation import Federation, sample_clients
 from fedllm.server.store import Store
 from fedllm.wire import decode_file, encode
 
+from .conftest import joined_copy
+
 CLIENTS = {"alice": 10, "bob": 30, "carol": 60}
 ROUND_TIMEOUT = 0.5  # seconds; short, yet long enough for a busy CI machine to act within a round
 
@@ -36,12 +38,7 @@ def prepared(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     """State dirs built once: ``fresh`` (initialised), ``joined`` (all three joined), ``deadline`` (short rounds)."""
     root = tmp_path_factory.mktemp("federation")
     Federation.initialize(make_config(tiny_model_dir), root / "fresh")
-    shutil.copytree(root / "fresh", root / "joined")
-    store = Store(root / "joined")
-    fed = Federation(store)
-    for client, n in CLIENTS.items():
-        fed.join(client, n)
-    store.close()
+    joined_copy(root / "fresh", root / "joined", CLIENTS)
     Federation.initialize(make_config(tiny_model_dir, round_timeout=ROUND_TIMEOUT, min_fit_clients=1),
                           root / "deadline")
     return root
