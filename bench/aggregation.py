@@ -1,7 +1,7 @@
 """Benchmark 1: aggregating K client updates read from disk, the way the server does it.
 
 The updates are safetensors files as the server stores accepted uploads; they are read through
-:class:`fedllm.server.federation.FileUpdate` and combined by :func:`fedllm.algorithms.run_aggregation`
+:class:`fedllm.server.versions.FileUpdate` and combined by :func:`fedllm.algorithms.run_aggregation`
 (fedavg, fedadam, fedmedian). The baseline is the same FedAvg arithmetic (``w + Σ wᵢ·Δᵢ``) in plain
 torch ops over the same tensors preloaded in memory. Times are interleaved repetitions in one
 process; peak RSS is measured in a fresh (forked) process per case, as VmHWM above the process's
@@ -66,7 +66,7 @@ def prepare(directory: Path, size: AdapterSize, count: int) -> None:
 
     from fedllm.adapter import initial_adapter
     from fedllm.algorithms import get_algorithm
-    from fedllm.server.federation import STATE_ALGO_PREFIX, STATE_GLOBAL_PREFIX
+    from fedllm.server.versions import STATE_ALGO_PREFIX, STATE_GLOBAL_PREFIX
     from fedllm.wire import encode
 
     spec = size.spec()
@@ -82,11 +82,11 @@ def prepare(directory: Path, size: AdapterSize, count: int) -> None:
 
 
 def load_state(path: Path):
-    """The global adapter and algorithm state from a state file, as ``Federation._load_state`` reads them,
+    """The global adapter and algorithm state from a state file, as ``fedllm.server.versions.load_state`` reads them,
     copied into memory: they are inputs the server holds anyway, so they belong to the process baseline."""
     from safetensors import safe_open
 
-    from fedllm.server.federation import STATE_ALGO_PREFIX, STATE_GLOBAL_PREFIX
+    from fedllm.server.versions import STATE_ALGO_PREFIX, STATE_GLOBAL_PREFIX
 
     adapter, state = {}, {}
     with safe_open(str(path), framework="pt") as f:
@@ -108,8 +108,8 @@ def preload(directory: Path, k: int) -> list[dict]:
 
 def file_updates(directory: Path, k: int) -> list:
     """The first ``k`` update files as the server's lazy ``FileUpdate`` objects."""
-    from fedllm.server.federation import FileUpdate
     from fedllm.server.store import UpdateRow
+    from fedllm.server.versions import FileUpdate
 
     updates = []
     for i in range(k):
@@ -196,8 +196,8 @@ def time_case(directory: Path, k: int, repeat: int) -> dict[str, list[float]]:
 def memory_case(directory: Path, k: int, case: str) -> dict[str, Any]:
     """Peak RSS above the process's RSS while aggregating once (run in a fresh forked child)."""
     from fedllm.algorithms import get_algorithm, run_aggregation
-    from fedllm.server.federation import Federation
     from fedllm.server.store import Store
+    from fedllm.server.versions import write_version
 
     result: dict[str, Any] = {}
     if case == "baseline":
@@ -225,7 +225,7 @@ def memory_case(directory: Path, k: int, case: str) -> dict[str, Any]:
     store_dir = Path(tempfile.mkdtemp(dir=directory))
     store = Store(store_dir)
     started = time.perf_counter()
-    Federation._write_version(store, _config(), algorithm, 1, new_adapter, new_state)
+    write_version(store, _config().wire_dtype, algorithm, 1, new_adapter, new_state)
     result["write_seconds"] = time.perf_counter() - started
     result["peak_with_write_above_base"] = proc_status()["VmHWM"] - base
     result["ru_maxrss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -298,7 +298,7 @@ def run(out_dir: Path = RESULTS_DIR, quick: bool = False, workdir: Path | None =
         "fedmedian has no time target: an exact coordinate-wise median is a selection among K values per "
         "coordinate. It works one tensor name at a time, so its extra memory is a few times K × the largest "
         "tensor (K=32, 7B all-linear: 32 × 688 KiB), not K adapters.",
-        "'+ write' adds Federation._write_version (served global + state file, fsynced, sha256): the rest of "
+        "'+ write' adds fedllm.server.versions.write_version (served global + state file, fsynced, sha256): the rest of "
         "the server's aggregation step.",
         "'read only ×' is reading the K update files alone (positioned reads from the page cache into a reused "
         "buffer, no arithmetic): a copy of K adapters costs about as much as the baseline's whole weighted sum, "

@@ -172,12 +172,11 @@ def integrity_passes(body_path: Path, spec: dict[str, list[int]], workdir: Path)
     """Seconds of the per-byte work an upload and a download must do besides moving bytes, on this machine.
 
     upload: the client's sha256 of the file, the server's stream to disk (sha256 + write + fsync, with the
-    server's own ``_stream_to_file``) and its validation; download: the client's sha256 + write + fsync.
+    server's own ``UploadIngestor.stream_to_file``) and its validation; download: the client's sha256 + write + fsync.
     """
     import io
-    import types
 
-    from fedllm.server.federation import Federation
+    from fedllm.server.ingest import UploadIngestor
     from fedllm.wire import sha256_file, validate_tensors_file
 
     body = body_path.read_bytes()
@@ -185,8 +184,8 @@ def integrity_passes(body_path: Path, spec: dict[str, list[int]], workdir: Path)
     started = time.perf_counter()
     sha256_file(body_path)
     hashed = time.perf_counter()
-    server = types.SimpleNamespace(max_upload_bytes=len(body))
-    Federation._stream_to_file(server, io.BytesIO(body).read, target, len(body))
+    server = UploadIngestor(None, None, spec, "float32", max_upload_bytes=len(body))
+    server.stream_to_file(io.BytesIO(body).read, target, len(body))
     streamed = time.perf_counter()
     validate_tensors_file(target, spec, "float32")
     validated = time.perf_counter()

@@ -59,6 +59,29 @@ def encode(tensors: Mapping[str, torch.Tensor], wire_dtype: str = "float32", met
     return _save_bytes(prepared, metadata=dict(metadata) if metadata else None)
 
 
+METRIC_KEY_MAX_CHARS = 64
+
+
+def metrics_metadata(metrics: Mapping[str, float]) -> dict[str, str]:
+    """Client metrics as safetensors metadata strings (``repr`` keeps every bit of a float)."""
+    return {name: repr(float(value)) for name, value in metrics.items()}
+
+
+def parse_metrics(metadata: Mapping[str, str]) -> dict[str, float]:
+    """The inverse of :func:`metrics_metadata`: the finite numeric entries, other keys ignored."""
+    metrics: dict[str, float] = {}
+    for key, value in metadata.items():
+        if key == "format" or len(key) > METRIC_KEY_MAX_CHARS:
+            continue
+        try:
+            number = float(value)
+        except ValueError:
+            continue
+        if math.isfinite(number):
+            metrics[key] = number
+    return metrics
+
+
 def decode_file(path: str | Path) -> dict[str, torch.Tensor]:
     """Load a (validated) safetensors file as float32 tensors."""
     with safe_open(str(path), framework="pt") as f:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import re
 import shutil
 import sqlite3
 import time
@@ -15,8 +16,9 @@ import pytest
 import torch
 
 from fedllm.config import FederationArguments
-from fedllm.server.errors import ApiError
-from fedllm.server.federation import Federation, sample_clients
+from fedllm.server import errors
+from fedllm.server.federation import Federation
+from fedllm.server.sampler import ClientSampler
 from fedllm.server.store import Store
 from fedllm.wire import decode_file, encode
 
@@ -101,11 +103,14 @@ def play_round(fed: Federation, seed: int) -> None:
     assert fed.tick() is True
 
 
-def expect_api_error(status: int, call, *args, **kwargs) -> ApiError:
-    with pytest.raises(ApiError) as info:
+def expect_error(kind: type[errors.FederationError], call, *args, **kwargs) -> errors.FederationError:
+    with pytest.raises(kind) as info:
         call(*args, **kwargs)
-    assert info.value.status == status, info.value
     return info.value
+
+
+def sample_clients(client_ids: list[str], k: int, seed: int, round_number: int) -> list[str]:
+    return ClientSampler(seed, k).sample(client_ids, round_number)
 
 
 # ---------------------------------------------------------------- joining and sampling
@@ -151,7 +156,7 @@ def test_sample_is_seeded_and_reproducible(open_federation, tiny_model_dir: Path
 def test_join_when_full_is_forbidden(open_federation) -> None:
     fed = open_federation()
     before = fed.status()
-    error = expect_api_error(403, fed.join, "dave", 5)
+    error = expect_error(errors.FederationFull, fed.join, "dave", 5)
     assert "full" in error.error
     assert fed.status() == before
     assert "dave" not in fed.store.clients(fed.store.read())
@@ -245,7 +250,7 @@ def test_different_second_update_conflicts(open_federation) -> None:
     first = sampled(fed)[0]
     push(fed, first, make_delta(fed, 1)[0])
     listing = files(fed.store.root)
-    error = expect_api_error(409, push, fed, first, make_delta(fed, 2)[0])
+    error = expect_error(errors.AlreadySubmitted, push, fed, first, make_delta(fed, 2)[0])
     assert "already" in error.error
     assert files(fed.store.root) == listing  # the rejected file is not left in updates/
     assert update_count(fed) == 1
@@ -256,10 +261,10 @@ def test_wrong_round_not_sampled_not_joined(open_federation) -> None:
     body, _ = make_delta(fed, 1)
     listing = files(fed.store.root)
     client = sampled(fed)[0]
-    assert expect_api_error(409, push, fed, client, body, round_number=2).error == "wrong round"
-    assert expect_api_error(409, push, fed, client, body, round_number=0).error == "wrong round"
-    assert expect_api_error(409, push, fed, not_sampled(fed), body).error == "not sampled"
-    expect_api_error(403, push, fed, "zed", body)
+    assert expect_error(errors.WrongRound, push, fed, client, body, round_number=2).error == "wrong round"
+    expect_error(errors.WrongRound, push, fed, client, body, round_number=0)
+    assert expect_error(errors.NotSampled, push, fed, not_sampled(fed), body).error == "not sampled"
+    expect_error(errors.NotJoined, push, fed, "zed", body)
     assert update_count(fed) == 0 and files(fed.store.root) == listing
     assert not list(fed.store.incoming_dir.iterdir())
 
@@ -267,23 +272,23 @@ def test_wrong_round_not_sampled_not_joined(open_federation) -> None:
 def test_no_round_yet(open_federation) -> None:
     fed = open_federation("fresh")
     fed.join("alice", 1)
-    expect_api_error(409, push, fed, "alice", make_delta(fed, 1)[0], round_number=1)
+    expect_error(errors.NoOpenRound, push, fed, "alice", make_delta(fed, 1)[0], round_number=1)
 
 
 def test_invalid_uploads_leave_nothing(open_federation) -> None:
     fed = open_federation()
     client = sampled(fed)[0]
     listing = files(fed.store.root)
-    assert expect_api_error(400, push, fed, client, b"not a safetensors file").error == "malformed update"
+    assert expect_error(errors.MalformedUpdate, push, fed, client, b"not a safetensors file").error == "malformed update"
     bad = {k: torch.zeros(s) for k, s in fed.upload_spec.items()}
     bad[next(iter(bad))][0, 0] = float("nan")
-    assert expect_api_error(422, push, fed, client, encode(bad)).error == "invalid update"
+    assert expect_error(errors.InvalidUpdate, push, fed, client, encode(bad)).error == "invalid update"
     body, _ = make_delta(fed, 1)
-    expect_api_error(400, push, fed, client, body, sha256="0" * 64)
-    expect_api_error(400, fed.receive_update, client, 1, 1, io.BytesIO(body).read, len(body) + 10, None)  # truncated
+    expect_error(errors.ChecksumMismatch, push, fed, client, body, sha256="0" * 64)
+    expect_error(errors.TruncatedBody, fed.receive_update, client, 1, 1, io.BytesIO(body).read, len(body) + 10, None)  # truncated
     small = Federation(fed.store, max_upload_bytes=100)
-    expect_api_error(413, push, small, client, body)  # declared length
-    expect_api_error(413, small.receive_update, client, 1, 1, io.BytesIO(body).read, None, None)  # streamed
+    expect_error(errors.UploadTooLarge, push, small, client, body)  # declared length
+    expect_error(errors.UploadTooLarge, small.receive_update, client, 1, 1, io.BytesIO(body).read, None, None)  # streamed
     assert files(fed.store.root) == listing and update_count(fed) == 0
     assert push(fed, client, body, sha256=hashlib.sha256(body).hexdigest().upper())["accepted"] is True
 
@@ -313,7 +318,7 @@ def test_deadline_closes_round_with_min_fit_clients(open_federation) -> None:
     assert record["participants"] == [first] and record["num_samples"] == CLIENTS[first]
     status = fed.status()
     assert status["round"] == 2 and status["phase"] == "training" and status["deadline"] > time.time()
-    expect_api_error(409, push, fed, second, make_delta(fed, 2)[0], round_number=1)
+    expect_error(errors.WrongRound, push, fed, second, make_delta(fed, 2)[0], round_number=1)
 
 
 def test_deadline_extended_without_updates(open_federation) -> None:
@@ -336,12 +341,12 @@ def test_update_after_round_closed(open_federation, monkeypatch: pytest.MonkeyPa
     fed = joined(open_federation("deadline"))
     first, second = sampled(fed)
     push(fed, first, make_delta(fed, 1)[0])
-    monkeypatch.setattr(fed, "aggregate_if_needed", lambda: False)
+    monkeypatch.setattr(fed.rounds, "aggregate_if_needed", lambda: False)
     wait_past_deadline(fed)
     fed.tick()
     assert fed.status()["phase"] == "aggregating"
     listing = files(fed.store.root)
-    assert expect_api_error(409, push, fed, second, make_delta(fed, 2)[0]).error == "round closed"
+    expect_error(errors.RoundClosed, push, fed, second, make_delta(fed, 2)[0])
     assert files(fed.store.root) == listing and update_count(fed) == 1
 
 
@@ -371,8 +376,6 @@ def test_restart_continues_the_round(open_federation, tiny_model_dir: Path) -> N
 def test_initialize_with_other_settings_fails(open_federation, tiny_model_dir: Path) -> None:
     fed = open_federation()
     sha = fed.latest_global().sha256
-    with pytest.raises(ValueError, match="--num_rounds 5"):
-        Federation.initialize(make_config(tiny_model_dir, num_rounds=5), fed.store.root)
     with pytest.raises(ValueError, match="--peft_lora_r"):
         Federation.initialize(make_config(tiny_model_dir, peft_lora_r=8), fed.store.root)
     with pytest.raises(ValueError, match="--sample_clients"):
@@ -412,7 +415,7 @@ def test_final_adapter_loads_with_peft(open_federation, tiny_model_dir: Path) ->
     status = fed.status("alice")
     assert status["phase"] == "finished" and status["selected"] is False
     assert fed.tick() is False and fed.aggregate_if_needed() is False
-    expect_api_error(409, push, fed, sampled(fed)[0], make_delta(fed, 99)[0], round_number=4)
+    expect_error(errors.WrongRound, push, fed, sampled(fed)[0], make_delta(fed, 99)[0], round_number=4)
     assert [r["round"] for r in fed.history()] == [1, 2, 3]
 
     final = fed.store.root / "adapters" / "final"
@@ -464,3 +467,208 @@ def test_crash_before_commit_is_redone_once(open_federation, monkeypatch: pytest
     latest = crashing.latest_global()
     assert (latest.version, latest.sha256) == (expected.version, expected.sha256)
     assert crashing.status()["round"] == 2
+
+
+# ---------------------------------------------------------------- the sampler and removals
+def test_sampler_never_asks_for_more_than_eligible() -> None:
+    sampler = ClientSampler(seed=3, sample_size=3)
+    assert sampler.sample(["a", "b"], 1) == ["a", "b"]
+    assert sampler.sample([], 1) == []
+    assert sampler.redraw(["c", "a"], 2, attempt=1) == ["a", "c"]
+    assert len(sampler.sample(list("abcdef"), 1)) == 3
+    # Stragglers are replaced by fresh clients first; with too few fresh ones they keep their places.
+    kept = sampler.replace_stragglers(["a", "b", "c", "d"], ["a", "b", "c"], ["a"], 1, 0)
+    assert "a" in kept and "d" in kept and len(kept) == 3
+    assert sampler.replace_stragglers(["a", "b"], ["a", "b", "c"], [], 1, 0) == ["a", "b"]  # c is no longer eligible
+
+
+@pytest.fixture(scope="module")
+def all_sampled(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A state dir with --sample_clients = --num_clients = 3, every client joined (round 1 open)."""
+    root = tmp_path_factory.mktemp("all-sampled")
+    Federation.initialize(make_config(tiny_model_dir, sample_clients=3), root / "fresh")
+    return joined_copy(root / "fresh", root / "joined", CLIENTS)
+
+
+def open_copy(source: Path, tmp_path: Path, name: str = "state") -> Federation:
+    shutil.copytree(source, tmp_path / name)
+    return Federation(Store(tmp_path / name))
+
+
+def test_removed_client_leaves_the_round_with_its_update(all_sampled: Path, tmp_path: Path) -> None:
+    """All three sampled; alice pushes and is removed: her update is dropped, the round closes on bob and
+    carol, every later round samples only them, and the federation runs to its end."""
+    fed = open_copy(all_sampled, tmp_path)
+    assert sampled(fed) == sorted(CLIENTS)
+    global0 = decode_file(fed.latest_global().path)
+    push(fed, "alice", make_delta(fed, 1)[0])
+    fed.remove_client("admin", "alice")
+    assert fed.status()["received"] == [] and sampled(fed) == ["bob", "carol"]
+    assert not list(fed.store.update_dir(1).glob("alice.*"))  # its file went with its row
+    body_b, delta_b = make_delta(fed, 2)
+    push(fed, "bob", body_b)
+    assert fed.status()["phase"] == "training"
+    body_c, delta_c = make_delta(fed, 3)
+    push(fed, "carol", body_c)
+    assert fed.status()["phase"] == "aggregating"
+    assert fed.tick() is True
+    record = fed.history()[0]
+    assert record["participants"] == ["bob", "carol"] and record["num_samples"] == 90
+    new_global = decode_file(fed.latest_global().path)
+    for name in global0:
+        expected = global0[name] + (30 * delta_b[name] + 60 * delta_c[name]) / 90
+        torch.testing.assert_close(new_global[name], expected, rtol=1e-6, atol=1e-7)
+    for round_number in (2, 3):
+        assert fed.status()["round"] == round_number and sampled(fed) == ["bob", "carol"]
+        play_round(fed, 10 * round_number)
+    assert fed.status()["phase"] == "finished"
+    assert all("alice" not in r["participants"] for r in fed.history())
+    expect_error(errors.ClientRemoved, fed.join, "alice", 10)
+    fed.store.close()
+
+
+def test_removing_the_last_missing_client_closes_the_round(all_sampled: Path, tmp_path: Path) -> None:
+    fed = open_copy(all_sampled, tmp_path)
+    push(fed, "bob", make_delta(fed, 2)[0])
+    push(fed, "carol", make_delta(fed, 3)[0])
+    fed.remove_client("admin", "alice")
+    assert fed.status()["phase"] == "aggregating"
+    assert fed.tick() is True and fed.history()[0]["participants"] == ["bob", "carol"]
+    fed.store.close()
+
+
+def test_removal_that_empties_the_round_redraws_it(prepared: Path, tiny_model_dir: Path, tmp_path: Path) -> None:
+    Federation.initialize(make_config(tiny_model_dir, sample_clients=1, min_fit_clients=1), tmp_path / "one")
+    fed = Federation(Store(joined_copy(tmp_path / "one", tmp_path / "state", CLIENTS)))
+    (first,) = sampled(fed)
+    push(fed, first, make_delta(fed, 1)[0])
+    fed.remove_client("admin", first)
+    (drawn,) = sampled(fed)
+    status = fed.status()
+    assert drawn != first and status["phase"] == "training" and status["received"] == []
+    push(fed, drawn, make_delta(fed, 2)[0])
+    assert fed.tick() is True and fed.history()[0]["participants"] == [drawn]
+    fed.store.close()
+
+
+def test_removing_every_client_finishes_the_federation(all_sampled: Path, tmp_path: Path) -> None:
+    fed = open_copy(all_sampled, tmp_path)
+    play_round(fed, 1)
+    for client in CLIENTS:
+        fed.remove_client("admin", client)
+    status = fed.status("bob")
+    assert status["phase"] == "finished" and status["selected"] is False
+    event = next(e for e in fed.events() if e["action"] == "finished_early")
+    assert event["actor"] == "federation" and "no eligible client" in event["detail"]["reason"]
+    assert fed.tick() is False  # exports the newest global as the final adapter
+    final = fed.output_dir / "final"
+    assert (final / "adapter_model.safetensors").is_file()
+    expect_error(errors.NoRoundToAbort, fed.abort_round, "admin")
+    fed.store.close()
+
+
+def test_removal_while_aggregating_is_redone_without_it(all_sampled: Path, tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """A removal that lands between reading the updates and committing the aggregate: that attempt commits
+    nothing; the next one aggregates without the removed client."""
+    from fedllm.server import rounds
+
+    fed = open_copy(all_sampled, tmp_path)
+    for i, client in enumerate(sampled(fed)):
+        push(fed, client, make_delta(fed, i)[0])
+    real = rounds.run_aggregation
+    removed: list[str] = []
+
+    def remove_meanwhile(*args: Any, **kwargs: Any):
+        if not removed:
+            removed.append("carol")
+            fed.remove_client("admin", "carol")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(rounds, "run_aggregation", remove_meanwhile)
+    assert fed.aggregate_if_needed() is False and fed.history() == []
+    assert fed.status()["phase"] == "aggregating"
+    assert fed.aggregate_if_needed() is True
+    assert fed.history()[0]["participants"] == ["alice", "bob"]
+    fed.store.close()
+
+
+# ---------------------------------------------------------------- restarts with changed settings
+def test_restart_applies_and_audits_operational_changes(prepared: Path, tiny_model_dir: Path,
+                                                        tmp_path: Path) -> None:
+    """A longer --round_timeout applies to the open round; more --num_rounds continue a finished federation."""
+    state_dir = tmp_path / "state"
+    shutil.copytree(prepared / "joined", state_dir)
+    Federation.initialize(make_config(tiny_model_dir, round_timeout=600), state_dir)
+    fed = Federation(Store(state_dir))
+    assert fed.config.round_timeout == 600
+    assert fed.status()["deadline"] == pytest.approx(time.time() + 600, abs=30)
+    event = fed.events()[0]
+    assert event["action"] == "settings_changed" and event["actor"] == "operator@restart"
+    assert event["detail"] == {"round_timeout": {"old": 0.0, "new": 600}}
+    for round_number in (1, 2, 3):
+        play_round(fed, 10 * round_number)
+    assert fed.status()["phase"] == "finished"
+    fed.store.close()
+
+    Federation.initialize(make_config(tiny_model_dir, round_timeout=600, num_rounds=5), state_dir)
+    fed = Federation(Store(state_dir))
+    assert fed.events()[0]["detail"] == {"num_rounds": {"old": 3, "new": 5}}
+    assert fed.status()["phase"] == "training" and fed.tick() is False  # the tick opens round 4
+    for round_number in (4, 5):
+        assert fed.status()["round"] == round_number
+        play_round(fed, 10 * round_number)
+    assert fed.status()["phase"] == "finished" and [r["round"] for r in fed.history()] == [1, 2, 3, 4, 5]
+    fed.store.close()
+    with pytest.raises(ValueError, match="5 rounds are already aggregated"):
+        Federation.initialize(make_config(tiny_model_dir, round_timeout=600, num_rounds=4), state_dir)
+
+
+def test_restart_refuses_identity_changes_naming_them(prepared: Path, tiny_model_dir: Path, tmp_path: Path) -> None:
+    state_dir = tmp_path / "state"
+    shutil.copytree(prepared / "joined", state_dir)
+    with pytest.raises(ValueError, match=r"--fed_alg 'fedprox' \(state_dir has 'fedavg'\).*--seed 7"):
+        Federation.initialize(make_config(tiny_model_dir, fed_alg="fedprox", seed=7, num_rounds=9), state_dir)
+    fed = Federation(Store(state_dir))
+    assert fed.config.num_rounds == 3 and fed.events() == []  # nothing applied, not even the operational change
+    fed.store.close()
+
+
+# ---------------------------------------------------------------- background failures
+def test_background_failure_is_visible_and_recovers(prepared: Path, tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """A tick that keeps failing: retried, counted, logged; /healthz says degraded (200) in every worker,
+    /readyz is 503; once a tick succeeds both are back to ok."""
+    from fedllm.server.app import create_app
+
+    shutil.copytree(prepared / "joined", tmp_path / "state")
+    fed, other_worker = Federation(Store(tmp_path / "state")), Federation(Store(tmp_path / "state"))
+    app, other_app = create_app(fed, start_ticker=False), create_app(other_worker, start_ticker=False)
+    progress = app.extensions["fedllm"]["progress"]
+    http, other_http = app.test_client(), other_app.test_client()
+    assert http.get("/readyz").status_code == 200 and http.get("/healthz").get_json() == {"status": "ok"}
+
+    def broken() -> bool:
+        raise OSError("the aggregation disk went away")
+
+    monkeypatch.setattr(fed.rounds, "tick", broken)
+    progress.run_once()
+    progress.run_once()
+    for client in (http, other_http):
+        healthz = client.get("/healthz")
+        assert healthz.status_code == 200
+        assert healthz.get_json()["status"] == "degraded"
+        assert "the aggregation disk went away" in healthz.get_json()["reason"]
+        assert client.get("/readyz").status_code == 503
+    assert http.get("/healthz").get_json()["failures"] == 2
+    scrape = http.get("/metrics").get_data(as_text=True)
+    assert "fedllm_degraded 1.0" in scrape
+    assert re.search(r"^fedllm_background_failures_total [1-9]", scrape, re.M)
+
+    monkeypatch.undo()
+    progress.run_once()
+    for client in (http, other_http):
+        assert client.get("/healthz").get_json() == {"status": "ok"}
+        assert client.get("/readyz").status_code == 200
+    fed.store.close()
+    other_worker.store.close()

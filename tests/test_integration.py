@@ -154,3 +154,41 @@ def test_tls_with_self_signed_certificate(tiny_model_dir, tmp_path, start_server
     # A client that does not trust the certificate refuses to talk.
     with pytest.raises(requests.exceptions.SSLError):
         FederationClient(server.url, "alice", max_retries=0).round_status()
+
+
+def test_operator_removes_a_client_mid_round(tiny_model_dir, tmp_path, start_server):
+    """--sample_clients = --num_clients = 3 and the operator removes one client while round 1 trains: every
+    round aggregates only the eligible clients' updates and the federation runs to its end."""
+    tokens_file = tmp_path / "tokens.json"
+    tokens = {f"client{i}": add_token(tokens_file, f"client{i}") for i in range(3)}
+    admin = add_token(tokens_file, None)
+    server = start_server(server_args(tiny_model_dir, tmp_path / "state", sample_clients=3,
+                                      auth_tokens=tokens_file))
+    data = write_demo_data(tmp_path / "data", num_clients=3, rows_per_client=24, seed=1)
+    clients = {
+        name: run_client_process(
+            ["--server_url", server.url, "--client_id", name, "--dataset_name", str(path), "--batch_size", "4",
+             "--output_dir", str(tmp_path / name), "--quiet", "true", "--poll_interval", "0.2", "--max_poll_interval", "1"],
+            tmp_path / f"{name}.log", env={"FEDLLM_TOKEN": tokens[name], "OMP_NUM_THREADS": "1"},
+        )
+        for name, path in zip(tokens, data, strict=True)
+    }
+    as_admin = {"X-FedLLM-Client": "operator", "Authorization": f"Bearer {admin}"}
+    _wait_for(lambda: requests.get(server.url + "/v1/round", headers=as_admin, timeout=10).json(),
+              lambda s: s["phase"] == "training", timeout=120)
+    removed = requests.post(server.url + "/v1/admin/remove_client", json={"client_id": "client2"}, headers=as_admin,
+                            timeout=10)
+    assert removed.status_code == 200, removed.text
+    assert removed.json()["sampled"] == ["client0", "client1"]
+
+    for name in ("client0", "client1"):
+        try:
+            assert clients[name].wait(timeout=300) == 0, (tmp_path / f"{name}.log").read_text()[-3000:]
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"{name} did not finish:\n{(tmp_path / f'{name}.log').read_text()[-3000:]}\n{server.log()[-3000:]}")
+    clients["client2"].wait(timeout=120)  # refused from then on: it stops, whatever it was doing
+    history = requests.get(server.url + "/v1/history", headers=as_admin, timeout=10).json()
+    assert [h["round"] for h in history] == [1, 2, 3]
+    assert all(h["participants"] == ["client0", "client1"] for h in history)
+    assert requests.get(server.url + "/v1/round", headers=as_admin, timeout=10).json()["phase"] == "finished"
+    assert (tmp_path / "state" / "adapters" / "final" / "adapter_model.safetensors").is_file()

@@ -1,29 +1,28 @@
 """The Flask app: REST API v1 over a :class:`~fedllm.server.federation.Federation`.
 
-Every error is JSON ``{"error": ..., "detail": ...}`` with the right status code. Each
-process runs one background ticker that closes rounds at their deadline and aggregates
-closed rounds (the upload that closes a round wakes it at once).
+This layer only parses requests and maps the service layer's typed errors to status codes, in one
+table (:data:`ERROR_STATUS`); every error is JSON ``{"error": ..., "detail": ...}``. Each process
+runs one :class:`~fedllm.server.progress.BackgroundProgress` thread that closes rounds at their
+deadline and aggregates closed rounds (the upload that closes a round wakes it at once).
 """
 
 from __future__ import annotations
 
-import errno
 import logging
 import re
-import sqlite3
-import threading
 import time
 
 from flask import Flask, Response, g, jsonify, request, send_file
 from werkzeug.exceptions import HTTPException
 
-from . import metrics
+from . import errors, metrics
 from .auth import TokenRegistry
 from .dashboard import PUBLIC_ENDPOINTS, client_states
 from .dashboard import bp as dashboard_bp
-from .errors import ApiError
 from .federation import Federation
+from .progress import BackgroundProgress, health
 from .ratelimit import RateLimiter
+from .store import storage_failure
 
 log = logging.getLogger("fedllm.server")
 
@@ -33,30 +32,45 @@ SHA256_RE = re.compile(r"[0-9a-fA-F]{64}")
 # ASCII digits only (str.isdigit() also takes '²', which int() refuses), few enough to fit an SQLite INTEGER.
 UINT_RE = re.compile(r"[0-9]{1,15}")
 MAX_NUM_SAMPLES = 10**15 - 1
+UNAUTHENTICATED_PATHS = frozenset({"/healthz", "/readyz"})
+STORAGE_RETRY_AFTER = "30"
+
+# The one mapping from what went wrong to the HTTP status that says it.
+ERROR_STATUS: dict[type[errors.FederationError], int] = {
+    errors.MissingHeader: 400,
+    errors.InvalidHeader: 400,
+    errors.InvalidClientId: 400,
+    errors.BadJson: 400,
+    errors.InvalidNumSamples: 400,
+    errors.InvalidRound: 400,
+    errors.MalformedUpdate: 400,
+    errors.ChecksumMismatch: 400,
+    errors.TruncatedBody: 400,
+    errors.Unauthorized: 401,
+    errors.Forbidden: 403,
+    errors.AdminOnly: 403,
+    errors.ClientRemoved: 403,
+    errors.FederationFull: 403,
+    errors.NotJoined: 403,
+    errors.UnknownClient: 404,
+    errors.NoOpenRound: 409,
+    errors.WrongRound: 409,
+    errors.NotSampled: 409,
+    errors.RoundClosed: 409,
+    errors.AlreadySubmitted: 409,
+    errors.NoRoundToAbort: 409,
+    errors.UploadTooLarge: 413,
+    errors.InvalidUpdate: 422,
+    errors.StorageUnavailable: 503,
+}
 
 
-class Ticker:
-    """Drives deadlines and aggregation in the background of one worker process."""
-
-    def __init__(self, federation: Federation, interval: float = 1.0):
-        self.federation = federation
-        self.interval = interval
-        self.wake = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="fedllm-ticker", daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        failures = 0
-        while True:
-            self.wake.wait(timeout=self.interval * (2 ** min(failures, 5)))
-            self.wake.clear()
-            try:
-                while self.federation.tick():
-                    pass
-                failures = 0
-            except Exception:
-                failures += 1
-                log.exception("background round progress failed (attempt %d); will retry", failures)
+def error_response(exc: errors.FederationError) -> tuple[Response, int]:
+    status = ERROR_STATUS[type(exc)]
+    response = jsonify(exc.to_json())
+    if isinstance(exc, errors.StorageUnavailable):
+        response.headers["Retry-After"] = STORAGE_RETRY_AFTER
+    return response, status
 
 
 def _json_body() -> object:
@@ -70,24 +84,10 @@ def _json_body() -> object:
 def _int_header(name: str, *, minimum: int) -> int:
     raw = request.headers.get(name)
     if raw is None:
-        raise ApiError(400, "missing header", f"{name} is required")
+        raise errors.MissingHeader(f"{name} is required")
     if not UINT_RE.fullmatch(raw.strip()) or int(raw) < minimum:
-        raise ApiError(400, "invalid header", f"{name} must be an integer >= {minimum}, got {raw[:40]!r}")
+        raise errors.InvalidHeader(f"{name} must be an integer >= {minimum}, got {raw[:40]!r}")
     return int(raw)
-
-
-# Storage failures the operator can fix (free space, remount): answered 503, the request changed nothing.
-STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO, errno.EACCES, errno.EPERM}
-
-
-def _storage_error(exc: BaseException) -> str | None:
-    if isinstance(exc, OSError) and exc.errno in STORAGE_ERRNOS:
-        return exc.strerror or str(exc)
-    if isinstance(exc, sqlite3.OperationalError) and any(
-        s in str(exc) for s in ("disk is full", "readonly database", "disk I/O error", "unable to open")
-    ):
-        return str(exc)
-    return None
 
 
 def create_app(
@@ -98,17 +98,17 @@ def create_app(
     rate_limiter: RateLimiter | None = None,
 ) -> Flask:
     app = Flask("fedllm")
-    app.config["JSON_SORT_KEYS"] = False
-    metrics.install(app, federation)  # first, so its request timer runs before any other before_request
+    app.json.sort_keys = False  # keys in the order the server builds them
+    progress = BackgroundProgress(federation, start=start_ticker)
+    metrics.install(app, federation, progress)  # first, so its request timer runs before any other before_request
     app.register_blueprint(dashboard_bp)  # GET / and /dashboard/static/*: no data, no auth
-    ticker = Ticker(federation) if start_ticker else None
-    app.extensions["fedllm"] = {"federation": federation, "ticker": ticker}
+    app.extensions["fedllm"] = {"federation": federation, "progress": progress}
 
-    @app.errorhandler(ApiError)
-    def _api_error(exc: ApiError):
-        if exc.status >= 500:
+    @app.errorhandler(errors.FederationError)
+    def _federation_error(exc: errors.FederationError):
+        if ERROR_STATUS[type(exc)] >= 500:
             log.error("%s %s: %s", request.method, request.path, exc)
-        return jsonify(exc.to_json()), exc.status
+        return error_response(exc)
 
     @app.errorhandler(HTTPException)
     def _http_error(exc: HTTPException):
@@ -116,49 +116,46 @@ def create_app(
 
     @app.errorhandler(Exception)
     def _unexpected(exc: Exception):
-        reason = _storage_error(exc)
+        reason = storage_failure(exc)  # a read of the state_dir, outside the service layer's transactions
         if reason is not None:
             log.error("storage failure on %s %s: %s", request.method, request.path, reason)
-            response = jsonify({"error": "storage unavailable",
-                                "detail": f"the server cannot write its state ({reason}); nothing was changed, "
-                                          "retry later"})
-            response.headers["Retry-After"] = "30"
-            return response, 503
+            return error_response(errors.StorageUnavailable(
+                f"the server cannot read or write its state ({reason}); nothing was changed, retry later"))
         log.exception("unhandled error on %s %s", request.method, request.path)
         return jsonify({"error": "internal error", "detail": type(exc).__name__}), 500
 
     @app.before_request
     def _identify():
-        if request.path == "/healthz" or request.endpoint in PUBLIC_ENDPOINTS:
+        if request.path in UNAUTHENTICATED_PATHS or request.endpoint in PUBLIC_ENDPOINTS:
             return
         if request.endpoint == "metrics":  # for scrapers: no client header; the admin token when auth is on
             if tokens is not None:
                 auth = request.headers.get("Authorization", "")
                 if not auth.startswith("Bearer ") or not tokens.identify(auth[7:].strip())[1]:
-                    raise ApiError(401, "unauthorized", "/metrics needs 'Authorization: Bearer <admin token>'")
+                    raise errors.Unauthorized("/metrics needs 'Authorization: Bearer <admin token>'")
             return
         client_id = request.headers.get(CLIENT_HEADER)
         if client_id is None:
-            raise ApiError(400, "missing header", f"{CLIENT_HEADER} is required")
+            raise errors.MissingHeader(f"{CLIENT_HEADER} is required")
         if not CLIENT_ID_RE.fullmatch(client_id):
-            raise ApiError(400, "invalid client id",
-                           "client ids are 1-64 characters: letters, digits, '.', '_', '-', starting with a letter or digit")
+            raise errors.InvalidClientId(
+                "client ids are 1-64 characters: letters, digits, '.', '_', '-', starting with a letter or digit")
         g.client_id = client_id
         g.is_admin = False
         if tokens is not None:
             auth = request.headers.get("Authorization", "")
             if not auth.startswith("Bearer ") or not auth[7:].strip():
-                raise ApiError(401, "unauthorized", "send 'Authorization: Bearer <token>'")
+                raise errors.Unauthorized("send 'Authorization: Bearer <token>'")
             owner, g.is_admin = tokens.identify(auth[7:].strip())
             # The admin token reads everything and runs operator actions; it never pushes or joins.
             admin_ok = g.is_admin and (request.method == "GET" or request.path.startswith("/v1/admin/"))
             if owner is None and g.is_admin and not admin_ok:
-                raise ApiError(403, "forbidden", "the admin token reads and runs operator actions; it cannot "
-                                                 "join or push as a client")
+                raise errors.Forbidden("the admin token reads and runs operator actions; it cannot join or push "
+                                       "as a client")
             if owner is None and not admin_ok:
-                raise ApiError(401, "unauthorized", "unknown token")
+                raise errors.Unauthorized("unknown token")
             if owner is not None and owner != client_id and not admin_ok:
-                raise ApiError(403, "forbidden", f"this token does not belong to client {client_id!r}")
+                raise errors.Forbidden(f"this token does not belong to client {client_id!r}")
         if rate_limiter is not None:
             wait = rate_limiter.allow(client_id)
             if wait > 0:
@@ -168,7 +165,14 @@ def create_app(
 
     @app.get("/healthz")
     def healthz():
-        return jsonify({"status": "ok"})
+        """Liveness: 200 while the process answers; ``degraded`` with the reason while rounds cannot progress."""
+        return jsonify(health(federation.store, progress))
+
+    @app.get("/readyz")
+    def readyz():
+        """Readiness: 503 while the federation cannot progress (background ticks failing, storage unreadable)."""
+        state = health(federation.store, progress)
+        return jsonify(state), 200 if state["status"] == "ok" else 503
 
     @app.get("/v1/round")
     def get_round():
@@ -191,10 +195,10 @@ def create_app(
     def join():
         body = _json_body()
         if not isinstance(body, dict):
-            raise ApiError(400, "bad json", 'expected a JSON object such as {"num_samples": 100}')
+            raise errors.BadJson('expected a JSON object such as {"num_samples": 100}')
         num_samples = body.get("num_samples")
         if type(num_samples) is not int or not 1 <= num_samples <= MAX_NUM_SAMPLES:
-            raise ApiError(400, "invalid num_samples", f"num_samples must be an integer from 1 to {MAX_NUM_SAMPLES}")
+            raise errors.InvalidNumSamples(f"num_samples must be an integer from 1 to {MAX_NUM_SAMPLES}")
         return jsonify(federation.join(g.client_id, num_samples))
 
     @app.get("/v1/global")
@@ -214,22 +218,21 @@ def create_app(
     def post_update():
         raw_round = request.args.get("round", "")
         if not UINT_RE.fullmatch(raw_round):
-            raise ApiError(400, "invalid round", "POST /v1/update?round=R with R the round number")
+            raise errors.InvalidRound("POST /v1/update?round=R with R the round number")
         num_samples = _int_header("X-FedLLM-Num-Samples", minimum=1)
         claimed = request.headers.get("X-Content-SHA256")
         if claimed is not None and not SHA256_RE.fullmatch(claimed):
-            raise ApiError(400, "invalid header", "X-Content-SHA256 must be 64 hex digits")
+            raise errors.InvalidHeader("X-Content-SHA256 must be 64 hex digits")
         result = federation.receive_update(
             g.client_id, int(raw_round), num_samples, request.stream.read, request.content_length, claimed
         )
-        if ticker is not None:
-            ticker.wake.set()
+        progress.wake.set()
         return jsonify(result), 202
 
     def _admin(action: str) -> str:
         if tokens is None or not g.is_admin:
-            raise ApiError(403, "admin only", "operator actions need the admin token (server_http.py add-admin) "
-                                              "and a server started with --auth_tokens")
+            raise errors.AdminOnly("operator actions need the admin token (server_http.py add-admin) and a server "
+                                   "started with --auth_tokens")
         actor = f"admin@{request.remote_addr}"
         log.warning("admin action %s by %s", action, actor)
         return actor
@@ -252,7 +255,7 @@ def create_app(
         body = _json_body()
         client_id = body.get("client_id") if isinstance(body, dict) else None
         if not isinstance(client_id, str) or not CLIENT_ID_RE.fullmatch(client_id):
-            raise ApiError(400, "bad json", 'expected {"client_id": "<id>"}')
+            raise errors.BadJson('expected {"client_id": "<id>"}')
         return jsonify(federation.remove_client(actor, client_id))
 
     @app.get("/v1/admin/events")

@@ -16,6 +16,8 @@ What is measured:
 * uploads: ``fedllm_updates_accepted_total``, ``fedllm_updates_duplicate_total`` (an identical
   retry) and ``fedllm_updates_rejected_total{reason,status}`` (reason: the API error, e.g. ``wrong_round``);
 * aggregation: ``fedllm_aggregation_duration_seconds`` (histogram, observed by the process that aggregated);
+* background progress: ``fedllm_background_failures_total`` (failed ticks, each retried with backoff) and
+  ``fedllm_degraded`` (1 while ``/healthz`` says ``degraded``);
 * read from the store at scrape time: ``fedllm_round``, ``fedllm_num_rounds``,
   ``fedllm_rounds_completed``, ``fedllm_phase{phase}``, ``fedllm_clients_known``,
   ``fedllm_clients_expected``, ``fedllm_clients_sampled``, ``fedllm_round_updates_received``,
@@ -88,6 +90,8 @@ class Instruments:
         self.rejected = Counter("fedllm_updates_rejected", "Uploads refused, by API error.", ["reason", "status"])
         self.aggregation = Histogram("fedllm_aggregation_duration_seconds", "Time to aggregate a round.",
                                      buckets=AGGREGATION_BUCKETS)
+        self.background_failures = Counter("fedllm_background_failures",
+                                           "Failed background ticks (deadlines, aggregation); each is retried.")
 
 
 @functools.lru_cache(maxsize=1)
@@ -98,11 +102,14 @@ def instruments() -> Instruments:
 class FederationCollector:
     """Gauges read from the shared store at scrape time (so every worker answers the same)."""
 
-    def __init__(self, federation: Any):
+    def __init__(self, federation: Any, progress: Any = None):
         self.federation = federation
+        self.progress = progress
 
     def collect(self) -> Iterator[Any]:
         from prometheus_client.core import GaugeMetricFamily
+
+        from .progress import health
 
         status = self.federation.status()
         history = self.federation.history()
@@ -130,17 +137,19 @@ class FederationCollector:
             gauge("fedllm_last_train_loss", "Weighted train loss of the last aggregated round.", last.get("train_loss")),
             gauge("fedllm_last_eval_loss", "Weighted federated eval loss of the last aggregated round.",
                   last.get("eval_loss")),
+            gauge("fedllm_degraded", "1 while background progress is failing (see /healthz for the reason).",
+                  float(health(self.federation.store, self.progress)["status"] != "ok")),
         ]
         yield from (f for f in families if f is not None)
 
 
-def render(federation: Any) -> Response:
+def render(federation: Any, progress: Any = None) -> Response:
     """The Prometheus text exposition for this server (all workers)."""
     from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest
 
     instruments()  # every metric exists (at zero) from the first scrape on
     registry = CollectorRegistry()
-    registry.register(FederationCollector(federation))
+    registry.register(FederationCollector(federation, progress))
     if os.environ.get(MULTIPROC_ENV):
         from prometheus_client import multiprocess
 
@@ -152,8 +161,8 @@ def render(federation: Any) -> Response:
                                                                                "Cache-Control": "no-store"})
 
 
-def install(app: Flask, federation: Any) -> None:
-    """Measure every request of ``app``, add ``GET /metrics``, and time aggregations.
+def install(app: Flask, federation: Any, progress: Any = None) -> None:
+    """Measure every request of ``app``, add ``GET /metrics``, time aggregations, count background failures.
 
     Call right after creating the app so the timer starts before any other ``before_request``.
     """
@@ -171,10 +180,10 @@ def install(app: Flask, federation: Any) -> None:
             log.exception("recording request metrics failed")
         return response
 
-    app.add_url_rule("/metrics", "metrics", lambda: render(federation), methods=["GET"])
-    hooks = getattr(federation, "_after_aggregation", None)
-    if hooks is not None:
-        hooks.append(functools.partial(_observe_aggregation, federation, metrics))
+    app.add_url_rule("/metrics", "metrics", lambda: render(federation, progress), methods=["GET"])
+    federation.rounds.after_aggregation.append(functools.partial(_observe_aggregation, federation, metrics))
+    if progress is not None:
+        progress.on_failure.append(lambda _reason: metrics.background_failures.inc())
 
 
 def _record(metrics: Instruments, response: Response) -> None:
@@ -233,7 +242,7 @@ class TensorBoardReporter:
         self._writer: Any = None
 
     def attach(self) -> TensorBoardReporter:
-        self.federation._after_aggregation.append(self.on_aggregated)
+        self.federation.rounds.after_aggregation.append(self.on_aggregated)
         return self
 
     def on_aggregated(self, round_number: int) -> None:

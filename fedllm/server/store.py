@@ -17,6 +17,7 @@ transactions (``BEGIN IMMEDIATE``) serialise the gunicorn workers.
 
 from __future__ import annotations
 
+import errno
 import json
 import sqlite3
 import threading
@@ -26,6 +27,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from .errors import StorageUnavailable
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -49,6 +52,40 @@ CREATE TABLE IF NOT EXISTS events (
     id INTEGER PRIMARY KEY AUTOINCREMENT, time REAL NOT NULL, actor TEXT NOT NULL, action TEXT NOT NULL,
     detail TEXT NOT NULL);
 """
+
+
+# Failures the operator can fix (free space, remount, permissions): the request changed nothing and may be retried.
+STORAGE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO, errno.EACCES, errno.EPERM})
+# SQLite's primary result codes for the same causes: PERM, READONLY, IOERR, FULL, CANTOPEN.
+STORAGE_SQLITE_CODES = frozenset({3, 8, 10, 13, 14})
+
+
+def storage_failure(exc: BaseException) -> str | None:
+    """Why ``exc`` is a storage failure (disk full, read-only, I/O error), or None when it is not one.
+
+    Classified by errno and by SQLite's result code, never by message text.
+    """
+    if isinstance(exc, StorageUnavailable):
+        return exc.detail
+    if isinstance(exc, OSError) and exc.errno in STORAGE_ERRNOS:
+        return exc.strerror or str(exc)
+    code = getattr(exc, "sqlite_errorcode", None)
+    if isinstance(exc, sqlite3.Error) and code is not None and code & 0xFF in STORAGE_SQLITE_CODES:
+        return str(exc)
+    return None
+
+
+@contextmanager
+def storage_errors() -> Iterator[None]:
+    """Turn a storage failure raised inside the block into :class:`StorageUnavailable`."""
+    try:
+        yield
+    except (OSError, sqlite3.Error) as exc:
+        reason = storage_failure(exc)
+        if reason is None:
+            raise
+        raise StorageUnavailable(f"the server cannot write its state ({reason}); nothing was changed, "
+                                 "retry later") from exc
 
 
 @dataclass(frozen=True)
@@ -107,15 +144,20 @@ class Store:
 
     @contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
-        """A write transaction; the gunicorn workers take turns through it."""
-        db = self._connection()
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            yield db
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
-        db.execute("COMMIT")
+        """A write transaction; the gunicorn workers take turns through it.
+
+        A storage failure inside it (of SQLite or of a file written in it) becomes :class:`StorageUnavailable`.
+        """
+        with storage_errors():
+            db = self._connection()
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                yield db
+            except BaseException:
+                if db.in_transaction:  # SQLite rolls back by itself on some errors (SQLITE_FULL, SQLITE_IOERR)
+                    db.execute("ROLLBACK")
+                raise
+            db.execute("COMMIT")
 
     def read(self) -> sqlite3.Connection:
         return self._connection()
@@ -199,6 +241,19 @@ class Store:
             "UPDATE rounds SET sampled = ?, deadline = ?, extensions = extensions + 1 WHERE round = ?",
             (json.dumps(sampled), deadline, round_number),
         )
+
+    @staticmethod
+    def set_deadline(db: sqlite3.Connection, round_number: int, deadline: float | None) -> None:
+        """Move a round's deadline without counting it as an extension (a pause, a changed --round_timeout)."""
+        db.execute("UPDATE rounds SET deadline = ? WHERE round = ?", (deadline, round_number))
+
+    @staticmethod
+    def delete_update(db: sqlite3.Connection, round_number: int, client_id: str) -> str | None:
+        """Drop one client's update row of a round; returns its file (to delete after the commit)."""
+        row = db.execute("SELECT path FROM updates WHERE round = ? AND client_id = ?",
+                         (round_number, client_id)).fetchone()
+        db.execute("DELETE FROM updates WHERE round = ? AND client_id = ?", (round_number, client_id))
+        return row[0] if row else None
 
     @staticmethod
     def delete_updates(db: sqlite3.Connection, round_number: int) -> list[str]:

@@ -19,7 +19,7 @@ import pytest
 from werkzeug.test import TestResponse
 
 from fedllm.config import FederationArguments
-from fedllm.server import auth
+from fedllm.server import admin, auth, ingest, rounds
 from fedllm.server import federation as federation_module
 from fedllm.server import ratelimit as ratelimit_module
 from fedllm.server.app import create_app
@@ -98,7 +98,7 @@ def timed(timed_prepared: Path, tmp_path: Path) -> Iterator[Secured]:
 
 
 class Clock:
-    """Replaces the federation module's wall clock, so deadlines move only when the test says so."""
+    """Replaces the server's wall clock, so deadlines move only when the test says so."""
 
     def __init__(self, now: float):
         self.now = now
@@ -110,7 +110,8 @@ class Clock:
 @pytest.fixture
 def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
     fake = Clock(time.time())
-    monkeypatch.setattr(federation_module, "time", types.SimpleNamespace(time=fake.time, time_ns=time.time_ns))
+    for module in (federation_module, rounds, admin, ingest):
+        monkeypatch.setattr(module, "time", types.SimpleNamespace(time=fake.time, time_ns=time.time_ns))
     return fake
 
 
@@ -219,7 +220,7 @@ def test_events_list_every_action_with_actor(secured: Secured) -> None:
     events = secured.admin_call("events", method="GET").get_json()
     assert [e["action"] for e in events] == ["remove_client", "abort_round", "resume", "pause"]
     assert all(e["actor"] == "admin@127.0.0.1" and isinstance(e["time"], float) for e in events)
-    assert events[0]["detail"] == {"client_id": other}
+    assert events[0]["detail"] == {"client_id": other, "discarded": 0}
 
 
 # ------------------------------------------------------------------------------------------------ who may do what

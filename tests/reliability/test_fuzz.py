@@ -42,7 +42,8 @@ from werkzeug.wrappers import Request
 
 from fedllm.server.app import create_app
 from fedllm.server.auth import TokenRegistry
-from fedllm.server.federation import BODY_CHUNK, Federation
+from fedllm.server.federation import Federation
+from fedllm.server.ingest import BODY_CHUNK
 from fedllm.server.ratelimit import RateLimiter
 from fedllm.server.store import Store
 from fedllm.wire import KNOWN_DTYPE_SIZES

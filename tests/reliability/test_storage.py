@@ -26,8 +26,8 @@ import torch
 from safetensors.torch import load_file
 from werkzeug.test import TestResponse
 
-from fedllm.server import federation as federation_module
-from fedllm.server.federation import Federation
+from fedllm.server import versions as versions_module
+from fedllm.server.ingest import UploadIngestor
 from fedllm.server.store import Store
 from fedllm.wire import encode
 
@@ -220,11 +220,11 @@ def test_upload_write_fails(api: Api, monkeypatch: pytest.MonkeyPatch) -> None:
     client, body = api.sampled()[0], api.delta()
     before = snapshot(api.state_dir)
 
-    def full_disk(self: Federation, read: Callable[[int], bytes], path: Path, content_length: int | None):
+    def full_disk(self: UploadIngestor, read: Callable[[int], bytes], path: Path, content_length: int | None):
         path.write_bytes(read(1000))
         raise enospc(path)
 
-    monkeypatch.setattr(Federation, "_stream_to_file", full_disk)
+    monkeypatch.setattr(UploadIngestor, "stream_to_file", full_disk)
     assert_unavailable(api.upload(client, body), os.strerror(errno.ENOSPC))
     assert snapshot(api.state_dir) == before and leftovers(api.state_dir) == []
     monkeypatch.undo()
@@ -237,7 +237,9 @@ def test_upload_commit_fails(api: Api, monkeypatch: pytest.MonkeyPatch) -> None:
     before = snapshot(api.state_dir)
 
     def full_database(*args: object) -> None:
-        raise sqlite3.OperationalError("database or disk is full")
+        exc = sqlite3.OperationalError("database or disk is full")
+        exc.sqlite_errorcode = sqlite3.SQLITE_FULL  # as SQLite sets it: classified by code, not by text
+        raise exc
 
     monkeypatch.setattr(Store, "insert_update", staticmethod(full_database))
     assert_unavailable(api.upload(client, body), "database or disk is full")
@@ -253,7 +255,7 @@ def test_aggregation_write_fails(api: Api, monkeypatch: pytest.MonkeyPatch, fail
     the disk has room aggregates exactly once."""
     push_round(api)
     served = global_served(api)
-    real_save_file = federation_module.save_file
+    real_save_file = versions_module.save_file
     writes: list[str] = []
 
     def full_disk(tensors: dict[str, torch.Tensor], path: str, metadata: dict[str, str] | None = None) -> None:
@@ -263,7 +265,7 @@ def test_aggregation_write_fails(api: Api, monkeypatch: pytest.MonkeyPatch, fail
             raise enospc(path)
         real_save_file(tensors, path, metadata=metadata)
 
-    monkeypatch.setattr(federation_module, "save_file", full_disk)
+    monkeypatch.setattr(versions_module, "save_file", full_disk)
     with pytest.raises(OSError) as failure:
         api.federation.tick()
     assert_no_space(failure.value)

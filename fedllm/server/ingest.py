@@ -1,0 +1,133 @@
+"""Upload ingestion: stream a client's update to disk, validate every byte, accept it exactly once.
+
+An upload streams into ``incoming/`` (hashed as it arrives, cut at the size limit), is validated
+against the federation's tensor names, shapes, dtype and finiteness (:mod:`fedllm.wire`), moves to
+``updates/rNNNNNN/`` and only then gets its row, in the same transaction that may close the round.
+A rejected upload changes nothing; an identical retry is answered as accepted and counted once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import time
+from collections.abc import Callable
+from contextlib import suppress
+from pathlib import Path
+from typing import Any
+
+from ..faults import fault_point
+from ..fsutil import fsync_dir
+from ..wire import WireError, parse_metrics, validate_tensors_file
+from .errors import (
+    AlreadySubmitted,
+    ChecksumMismatch,
+    InvalidUpdate,
+    MalformedUpdate,
+    NotJoined,
+    TruncatedBody,
+    UploadTooLarge,
+)
+from .rounds import RoundEngine
+from .store import Store, UpdateRow, storage_errors
+
+log = logging.getLogger("fedllm.server")
+
+BODY_CHUNK = 1 << 20
+
+
+class UploadIngestor:
+    """Receives the updates of one federation."""
+
+    def __init__(self, store: Store, rounds: RoundEngine, upload_spec: dict[str, tuple[int, ...]], wire_dtype: str,
+                 max_upload_bytes: int):
+        self.store = store
+        self.rounds = rounds
+        self.upload_spec = upload_spec
+        self.wire_dtype = wire_dtype
+        self.max_upload_bytes = max_upload_bytes
+
+    def receive(self, client_id: str, round_number: int, num_samples: int, read: Callable[[int], bytes],
+                content_length: int | None, claimed_sha256: str | None) -> dict[str, Any]:
+        """Stream an upload to disk, validate it, and accept it exactly once."""
+        if content_length is not None and content_length > self.max_upload_bytes:
+            raise UploadTooLarge(f"{content_length} bytes; the limit is {self.max_upload_bytes}")
+        db = self.store.read()
+        if client_id not in self.store.clients(db):
+            raise NotJoined(f"POST /v1/join first as {client_id!r}")
+        if self.store.get_update(db, round_number, client_id) is None:  # a retry is answered once its digest is known
+            self.rounds.check_can_submit(self.store.current_round(db), client_id, round_number)
+
+        incoming = self.store.incoming_dir / f"{client_id}.{os.getpid()}.{time.time_ns()}.part"
+        try:
+            with storage_errors():
+                digest, size = self.stream_to_file(read, incoming, content_length)
+            if claimed_sha256 is not None and claimed_sha256.lower() != digest:
+                raise ChecksumMismatch(f"X-Content-SHA256 is {claimed_sha256}, the body's is {digest}")
+            existing = self.store.get_update(self.store.read(), round_number, client_id)
+            if existing is not None:  # a retry (even after the round closed) or a conflicting second update
+                return self._answer_resubmission(existing, client_id, round_number, digest)
+            try:
+                metadata = validate_tensors_file(incoming, self.upload_spec, self.wire_dtype)
+            except WireError as exc:
+                raise (InvalidUpdate if exc.status == 422 else MalformedUpdate)(str(exc)) from None
+            final = self.store.update_dir(round_number) / f"{client_id}.{digest[:16]}.safetensors"
+            with storage_errors():
+                final.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(incoming, final)
+                fsync_dir(final.parent)
+            fault_point("upload.stored")
+        finally:
+            incoming.unlink(missing_ok=True)
+
+        recorded = self.store.relative(final)
+        row = UpdateRow(round_number, client_id, digest, num_samples, recorded, parse_metrics(metadata), size,
+                        time.time())
+        try:
+            with self.store.transaction() as db:
+                existing = self.store.get_update(db, round_number, client_id)
+                if existing is not None:  # a concurrent upload from the same client won
+                    return self._answer_resubmission(existing, client_id, round_number, digest)
+                self.rounds.check_can_submit(self.store.current_round(db), client_id, round_number)
+                self.store.insert_update(db, row)
+                self.store.touch_client(db, client_id)
+                self.rounds.close_if_complete(db, round_number)
+        except Exception:
+            # A rejected upload, or one the disk had no room to record, leaves no file behind, unless the row of a
+            # concurrent identical upload points to it (if even that cannot be read, the unused file stays).
+            with suppress(Exception):
+                existing = self.store.get_update(self.store.read(), round_number, client_id)
+                if existing is None or existing.path != recorded:
+                    final.unlink(missing_ok=True)
+            raise
+        fault_point("upload.committed")
+        log.info("round %d: accepted update from %s (%d bytes, %d samples)", round_number, client_id, size, num_samples)
+        return {"accepted": True, "duplicate": False, "round": round_number, "sha256": digest}
+
+    @staticmethod
+    def _answer_resubmission(existing: UpdateRow, client_id: str, round_number: int, digest: str) -> dict[str, Any]:
+        if existing.sha256 == digest:
+            return {"accepted": True, "duplicate": True, "round": round_number, "sha256": digest}
+        raise AlreadySubmitted(f"client {client_id!r} already sent a different update for round {round_number}")
+
+    def stream_to_file(self, read: Callable[[int], bytes], path: Path, content_length: int | None) -> tuple[str, int]:
+        """Copy the body to ``path`` (fsynced), cut at ``max_upload_bytes``; returns (sha256, size)."""
+        digest = hashlib.sha256()
+        size = 0
+        with open(path, "wb") as f:
+            while True:
+                chunk = read(BODY_CHUNK)
+                if not chunk:
+                    break
+                size += len(chunk)
+                if size > self.max_upload_bytes:
+                    raise UploadTooLarge(f"more than {self.max_upload_bytes} bytes")
+                digest.update(chunk)
+                f.write(chunk)
+                fault_point("upload.streaming")
+            f.flush()
+            os.fsync(f.fileno())
+        if content_length is not None and size != content_length:
+            raise TruncatedBody(f"received {size} of {content_length} bytes")
+        return digest.hexdigest(), size

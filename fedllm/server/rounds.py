@@ -1,0 +1,337 @@
+"""The round engine: a round's life cycle and the rules that close it.
+
+A round is ``training`` (accepting one update from each sampled client) → ``closed`` → ``aggregated``
+(the new global version, its history record and the next round committed in one transaction).
+The rules, in one place:
+
+* a round closes as soon as every sampled client that is still eligible (joined, not removed) has
+  submitted, or at its deadline with at least ``min(--min_fit_clients, sample size)`` updates; a
+  deadline with fewer extends the round or, with ``--on_insufficient resample``, replaces the
+  stragglers (:class:`~fedllm.server.sampler.ClientSampler`);
+* a removed client leaves the open round at once: its place and its update, even one already
+  submitted, are dropped; a round whose sample becomes empty is drawn again from the eligible
+  clients, and when none are left the federation finishes, with an event saying why;
+* aggregation aggregates exactly the update rows it read: if a removal changed them meanwhile,
+  that attempt commits nothing and the next tick redoes it.
+
+Several gunicorn workers run this against one ``state_dir``: SQLite transactions serialise the
+state changes and an ``flock`` elects the one process that aggregates a closed round.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from ..algorithms import FedAlgorithm, round_learning_rate, run_aggregation
+from ..config import FederationArguments
+from ..faults import fault_point
+from ..wire import all_finite
+from .errors import NoOpenRound, NotSampled, RoundClosed, WrongRound
+from .sampler import ClientSampler
+from .store import RoundRow, Store, UpdateRow
+from .versions import FileUpdate, GlobalVersions
+
+log = logging.getLogger("fedllm.server")
+
+FEDERATION_ACTOR = "federation"  # the actor of events the federation causes itself
+FINISHED_KEY = "finished_early"  # meta key set when the federation ran out of eligible clients
+
+
+class AggregationError(RuntimeError):
+    """The aggregate is not usable (e.g. non-finite values): nothing was committed."""
+
+
+class RoundEngine:
+    """Rounds of one federation: starting, closing, re-sampling and aggregating them."""
+
+    def __init__(self, store: Store, config: FederationArguments, algorithm: FedAlgorithm, versions: GlobalVersions):
+        self.store = store
+        self.config = config
+        self.algorithm = algorithm
+        self.versions = versions
+        self.sampler = ClientSampler(config.seed, config.sample_clients)
+        self.after_aggregation: list[Callable[[int], None]] = []  # metrics, TensorBoard (fedllm.server.metrics)
+
+    # ------------------------------------------------------------------ reads
+    def phase(self, db, current: RoundRow | None) -> str:
+        if self.store.get_meta(db, FINISHED_KEY) is not None:
+            return "finished"
+        if current is None:
+            return "waiting"
+        if current.status == "training":
+            return "training"
+        if current.status == "closed":
+            return "aggregating"
+        return "finished" if current.round >= self.config.num_rounds else "training"
+
+    def status(self, client_id: str | None = None) -> dict[str, Any]:
+        db = self.store.read()
+        current = self.store.current_round(db)
+        latest = self.store.latest_global(db)
+        received = [u.client_id for u in self.store.updates(db, current.round)] if current else []
+        clients = self.store.clients(db)
+        status: dict[str, Any] = {
+            "round": current.round if current else 0,
+            "num_rounds": self.config.num_rounds,
+            "phase": self.phase(db, current),
+            "fed_alg": self.config.fed_alg,
+            "task": self.config.task,
+            "global_version": latest.version,
+            "global_sha256": latest.sha256,
+            "sampled": current.sampled if current else [],
+            "received": received,
+            "deadline": current.deadline if current else None,
+            "deadline_extensions": current.extensions if current else 0,
+            "clients_joined": len(clients),
+            "num_clients": self.config.num_clients,
+            "paused": bool(self.store.get_meta(db, "paused")),
+        }
+        if client_id is not None:
+            # A paused federation starts no training; an update already under way is still accepted.
+            status["selected"] = bool(status["phase"] == "training" and current.status == "training"
+                                      and client_id in current.sampled and not status["paused"])
+            status["submitted"] = client_id in received
+            status["joined"] = client_id in clients
+        return status
+
+    def training_config(self, round_number: int) -> dict[str, Any]:
+        """What a client trains with in ``round_number``: the scheduled learning rate and the steps."""
+        return {
+            "round": round_number,
+            "learning_rate": round_learning_rate(self.config, max(round_number, 1)),
+            "max_steps": self.config.max_steps,
+        }
+
+    # ------------------------------------------------------------------ rules (inside a transaction)
+    def _deadline(self) -> float | None:
+        return time.time() + self.config.round_timeout if self.config.round_timeout > 0 else None
+
+    def start_if_ready(self, db) -> None:
+        """Round 1 starts once ``--num_clients`` clients have joined."""
+        if self.store.current_round(db) is None and len(self.store.clients(db)) >= self.config.num_clients:
+            self.start_round(db, 1)
+
+    def start_round(self, db, round_number: int) -> None:
+        eligible = self.store.clients(db)
+        if not eligible:
+            self._finish_early(db, round_number, "no eligible client is left")
+            return
+        sampled = self.sampler.sample(eligible, round_number)
+        self.store.insert_round(db, round_number, sampled, self._deadline())
+        log.info("round %d started: sampled %s", round_number, sampled)
+
+    def _finish_early(self, db, round_number: int, reason: str) -> None:
+        self.store.set_meta(db, FINISHED_KEY, {"round": round_number, "reason": reason, "time": time.time()})
+        self.store.add_event(db, FEDERATION_ACTOR, "finished_early", {"round": round_number, "reason": reason})
+        log.warning("federation finished early in round %d: %s", round_number, reason)
+
+    @staticmethod
+    def check_can_submit(current: RoundRow | None, client_id: str, round_number: int) -> None:
+        if current is None:
+            raise NoOpenRound("the federation is waiting for clients to join")
+        if round_number != current.round:
+            raise WrongRound(f"round {round_number} is not open; the current round is {current.round}")
+        if client_id not in current.sampled:
+            raise NotSampled(f"client {client_id!r} was not sampled for round {current.round}")
+        if current.status != "training":
+            raise RoundClosed(f"round {current.round} no longer accepts updates")
+
+    def close_if_complete(self, db, round_number: int) -> bool:
+        """Close the round when every sampled client (all of them are eligible) has submitted."""
+        current = self.store.get_round(db, round_number)
+        if current is None or current.status != "training" or not current.sampled:
+            return False
+        received = {u.client_id for u in self.store.updates(db, round_number)}
+        if not set(current.sampled) <= received:
+            return False
+        self.store.set_round_status(db, round_number, "closed")
+        return True
+
+    def redraw(self, db, current: RoundRow) -> list[str]:
+        """Start ``current`` over with a fresh sample of the eligible clients (finishing when there are none)."""
+        eligible = self.store.clients(db)
+        if not eligible:
+            self.store.set_sampled(db, current.round, [], None)
+            self._finish_early(db, current.round, "no eligible client is left")
+            return []
+        sampled = self.sampler.redraw(eligible, current.round, current.extensions + 1)
+        self.store.set_sampled(db, current.round, sampled, self._deadline())
+        return sampled
+
+    def drop_client(self, db, client_id: str) -> list[str]:
+        """A removed client leaves the open round: its place and its update. Returns files to delete after commit."""
+        current = self.store.current_round(db)
+        if current is None or current.status == "aggregated" or client_id not in current.sampled:
+            return []
+        paths = [p for p in [self.store.delete_update(db, current.round, client_id)] if p]
+        sampled = [c for c in current.sampled if c != client_id]
+        received = {u.client_id for u in self.store.updates(db, current.round)}
+        if not sampled or (current.status == "closed" and not received):
+            if current.status == "closed":
+                self.store.set_round_status(db, current.round, "training")
+            drawn = self.redraw(db, current)
+            log.warning("round %d: sample emptied by removing %s; drew %s", current.round, client_id, drawn)
+            return paths
+        self.store.set_sampled(db, current.round, sampled, current.deadline)
+        if current.status == "training":
+            self.close_if_complete(db, current.round)
+        return paths
+
+    # ------------------------------------------------------------------ progress
+    def tick(self) -> bool:
+        """Close a round whose deadline passed, and aggregate a closed round. Returns True if it aggregated."""
+        db = self.store.read()
+        current = self.store.current_round(db)
+        if self.store.get_meta(db, FINISHED_KEY) is not None:
+            self._export_final_once()
+            return False
+        if current is None or self.store.get_meta(db, "paused") or self.phase(db, current) == "finished":
+            return False
+        if current.status == "aggregated":  # a federation restarted with more --num_rounds goes on
+            self._start_next(current.round)
+            return False
+        if current.status == "training" and current.deadline is not None and time.time() > current.deadline:
+            self._close_at_deadline(current.round)
+            current = self.store.current_round(db)
+        if current.status == "closed":
+            return self.aggregate_if_needed()
+        return False
+
+    def _start_next(self, aggregated_round: int) -> None:
+        with self.store.transaction() as db:
+            current = self.store.current_round(db)
+            if current.round == aggregated_round and current.status == "aggregated":
+                self.start_round(db, aggregated_round + 1)
+
+    def _export_final_once(self) -> None:
+        """A federation that finished early exports its newest global as ``final``, like one that ran to its end."""
+        if not (self.versions.output_dir / "final").exists():
+            adapter, _ = self.versions.load(self.store.latest_global(self.store.read()))
+            self.versions.export(adapter, "final")
+
+    def _close_at_deadline(self, round_number: int) -> None:
+        with self.store.transaction() as db:
+            current = self.store.current_round(db)
+            if current.round != round_number or current.status != "training" or time.time() <= (current.deadline or 0):
+                return
+            submitted = [u.client_id for u in self.store.updates(db, round_number)]
+            needed = min(self.config.min_fit_clients, len(current.sampled))
+            if submitted and len(submitted) >= needed:
+                self.store.set_round_status(db, round_number, "closed")
+                log.warning("round %d: deadline passed; closing with %d of %d updates",
+                            round_number, len(submitted), len(current.sampled))
+            elif self.config.on_insufficient == "resample":
+                sampled = self.sampler.replace_stragglers(self.store.clients(db), current.sampled, submitted,
+                                                          round_number, current.extensions)
+                self.store.set_sampled(db, round_number, sampled, self._deadline())
+                log.warning("round %d: deadline passed with %d updates (< %d); re-sampled %s",
+                            round_number, len(submitted), needed, sampled)
+            else:
+                self.store.extend_deadline(db, round_number, self._deadline() or time.time())
+                log.warning("round %d: deadline passed with %d updates (< %d); extended",
+                            round_number, len(submitted), needed)
+
+    @contextmanager
+    def _aggregation_lock(self) -> Iterator[bool]:
+        with open(self.store.aggregate_lock_path, "a+") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                yield False
+                return
+            try:
+                yield True
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
+    def aggregate_if_needed(self) -> bool:
+        """Aggregate the current round if it is closed. Exactly one process does it per round.
+
+        Files are written first (idempotently, atomically); one transaction then commits the new
+        global version, the history record and the next round. A crash before the commit leaves
+        the round closed, and the next tick in any worker redoes it.
+        """
+        with self._aggregation_lock() as acquired:
+            if not acquired:
+                return False
+            db = self.store.read()
+            current = self.store.current_round(db)
+            if current is None or current.status != "closed":
+                return False
+            started = time.time()
+            rows = self._eligible_updates(db, current)
+            adapter, state = self.versions.load(self.store.latest_global(db))
+            updates = [FileUpdate(r, self.store.resolve(r.path)) for r in rows]
+            new_adapter, new_state = run_aggregation(self.algorithm, adapter, updates, state)
+            fault_point("aggregate.loaded")
+            bad = [k for k, v in {**new_adapter, **new_state}.items() if not all_finite(v)]
+            if bad:
+                raise AggregationError(f"round {current.round}: the aggregate has non-finite values in {bad[:3]}; "
+                                       "nothing was committed")
+            version = current.round
+            row = self.versions.write(version, new_adapter, new_state)
+            is_final = version >= self.config.num_rounds
+            saves_round = self.config.save_model_freq > 0 and version % self.config.save_model_freq == 0
+            if is_final:
+                self.versions.export(new_adapter, "final")
+            if saves_round:
+                self.versions.export(new_adapter, f"round_{version}")
+            fault_point("aggregate.files_written")
+            record = history_record(current, rows, row.version, row.sha256, time.time() - started)
+            with self.store.transaction() as db:
+                if [r.client_id for r in self._eligible_updates(db, self.store.current_round(db))] != [
+                        r.client_id for r in rows]:
+                    log.warning("round %d: its updates changed while aggregating (a client was removed); redoing",
+                                version)
+                    return False
+                self.store.insert_global(db, row)
+                self.store.insert_history(db, version, record)
+                self.store.set_round_status(db, version, "aggregated")
+                if not is_final:
+                    self.start_round(db, version + 1)
+            fault_point("aggregate.committed")
+            log.info("round %d aggregated: %d updates, train_loss %s, %.2fs", version, len(rows),
+                     record["train_loss"], record["aggregation_seconds"])
+        self.versions.prune(version)
+        for hook in self.after_aggregation:
+            hook(version)
+        return True
+
+    def _eligible_updates(self, db, current: RoundRow) -> list[UpdateRow]:
+        """The round's updates from clients that are still sampled and eligible."""
+        eligible = self.store.clients(db)
+        return [u for u in self.store.updates(db, current.round) if u.client_id in current.sampled
+                and u.client_id in eligible]
+
+
+def history_record(current: RoundRow, rows: list[UpdateRow], version: int, sha256: str,
+                   seconds: float) -> dict[str, Any]:
+    """The ``/v1/history`` record of an aggregated round."""
+    return {
+        "round": current.round,
+        "participants": [r.client_id for r in rows],
+        "sampled": current.sampled,
+        "num_samples": sum(r.num_samples for r in rows),
+        "train_loss": weighted_metric(rows, "train_loss", "num_samples"),
+        # The global model's loss on the clients' held-out splits, weighted by their sizes.
+        "eval_loss": weighted_metric(rows, "eval_loss", "eval_samples"),
+        "seconds": time.time() - current.started_at,
+        "aggregation_seconds": seconds,
+        "bytes_received": sum(r.size for r in rows),
+        "global_version": version,
+        "global_sha256": sha256,
+        "metrics": {r.client_id: r.metrics for r in rows},
+    }
+
+
+def weighted_metric(rows: list[UpdateRow], metric: str, weight: str) -> float | None:
+    """Σ w_i·m_i / Σ w_i over the updates that report ``metric`` (weight: a metric, else num_samples)."""
+    pairs = [(r.metrics[metric], r.metrics.get(weight, r.num_samples)) for r in rows
+             if isinstance(r.metrics.get(metric), (int, float))]
+    total = sum(w for _, w in pairs)
+    return sum(m * w for m, w in pairs) / total if pairs and total > 0 else None
