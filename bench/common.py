@@ -9,8 +9,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -20,7 +18,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import requests
+from fedllm.localserver import LocalServer
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS_DIR = ROOT / "bench" / "results"
@@ -172,81 +170,8 @@ def reset_peak_rss(pid: int | str = "self") -> bool:
         return False
 
 
-def child_pids(pid: int) -> list[int]:
-    """Direct children of ``pid`` (e.g. the gunicorn workers of a master)."""
-    children = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                stat = f.read()
-        except OSError:
-            continue
-        # The fields after the parenthesised command name: state, ppid, ...
-        fields = stat[stat.rfind(")") + 2:].split()
-        if int(fields[1]) == pid:
-            children.append(int(entry))
-    return sorted(children)
-
-
-# ---------------------------------------------------------------------------------------------- servers
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class ServerProcess:
-    """``run_server.sh`` (gunicorn) on a free loopback port; a context manager that kills it."""
-
-    def __init__(self, args: Sequence[str], log_path: Path, env: Mapping[str, str] | None = None):
-        self.args = list(args)
-        self.log_path = log_path
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-        self.proc: subprocess.Popen | None = None
-
-    def start(self, timeout: float = 180.0) -> ServerProcess:
-        cmd = ["bash", str(ROOT / "run_server.sh"), *self.args, "--host", "127.0.0.1", "--port", str(self.port)]
-        log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env,
-                                     start_new_session=True, cwd=ROOT)
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log()[-4000:]}")
-            try:
-                if requests.get(self.url + "/healthz", timeout=2).ok:
-                    return self
-            except requests.RequestException:
-                pass
-            time.sleep(0.2)
-        raise TimeoutError(f"server did not come up:\n{self.log()[-4000:]}")
-
-    def workers(self) -> list[int]:
-        """PIDs of the gunicorn worker processes (children of the master)."""
-        assert self.proc is not None
-        return child_pids(self.proc.pid)
-
-    def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(timeout=30)
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-
-    def __enter__(self) -> ServerProcess:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
+# The demo's, the tests' and the benchmarks' one server launcher.
+ServerProcess = LocalServer
 
 
 def server_args(model_dir: Path, state_dir: Path, size: AdapterSize, **overrides: Any) -> list[str]:

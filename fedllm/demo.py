@@ -12,8 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,13 +19,7 @@ from pathlib import Path
 
 import requests
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from .localserver import ROOT, LocalServer
 
 
 def _prepare(args: argparse.Namespace, workdir: Path) -> tuple[str, list[Path]]:
@@ -77,23 +69,25 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(state_dir)  # the demo starts a new federation each time
     workdir.mkdir(parents=True, exist_ok=True)
     model, files = _prepare(args, workdir)
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}"
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    server_cmd = [
-        "bash", str(ROOT / "run_server.sh"), "--model_name_or_path", model, "--fed_alg", args.fed_alg,
+    server_args = [
+        "--model_name_or_path", model, "--fed_alg", args.fed_alg,
         "--num_clients", str(args.num_clients), "--sample_clients", str(args.sample_clients),
         "--num_rounds", str(args.num_rounds), "--max_steps", str(args.max_steps),
         "--learning_rate", str(args.learning_rate), "--peft_lora_r", str(args.peft_lora_r),
         "--peft_lora_alpha", str(2 * args.peft_lora_r), "--seq_length", "128", "--seed", str(args.seed),
-        "--state_dir", str(state_dir), "--host", "127.0.0.1", "--port", str(port), "--workers", str(args.workers),
+        "--state_dir", str(state_dir), "--workers", str(args.workers),
     ]
+    (workdir / "server.log").unlink(missing_ok=True)  # LocalServer appends
+    server = LocalServer(server_args, workdir / "server.log")
+    url = server.url
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     print(f"server: {url} (gunicorn, {args.workers} workers), logs in {workdir}/server.log")
-    server = subprocess.Popen(server_cmd, stdout=open(workdir / "server.log", "wb"), stderr=subprocess.STDOUT,
-                              env=env, start_new_session=True)
     clients: list[subprocess.Popen] = []
     try:
-        _wait_healthy(url, server)
+        try:
+            server.start()
+        except (RuntimeError, TimeoutError) as exc:
+            raise SystemExit(f"the server did not come up: {exc}") from None
         for i, data in enumerate(files):
             cmd = [sys.executable, str(ROOT / "client_http.py"), "--server_url", url, "--client_id", f"client{i}",
                    "--dataset_name", str(data), "--batch_size", str(args.batch_size), "--quiet", "true",
@@ -117,22 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         for c in clients:
             if c.poll() is None:
                 c.kill()
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(timeout=30)
-
-
-def _wait_healthy(url: str, server: subprocess.Popen, timeout: float = 120) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if server.poll() is not None:
-            raise SystemExit(f"the server exited with {server.returncode}; see server.log")
-        try:
-            if requests.get(url + "/healthz", timeout=2).ok:
-                return
-        except requests.RequestException:
-            pass
-        time.sleep(0.3)
-    raise SystemExit("the server did not come up")
+        server.stop()
 
 
 def _follow(url: str, clients: list[subprocess.Popen], num_rounds: int) -> None:

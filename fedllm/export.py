@@ -25,7 +25,7 @@ from safetensors import safe_open
 
 from .adapter import save_peft_adapter, set_adapter_tensors
 from .algorithms.base import Tensors
-from .server.federation import STATE_GLOBAL_PREFIX
+from .server.versions import STATE_GLOBAL_PREFIX
 
 # LoraConfig fields a state_dir records that a PEFT directory needs (as the server writes them).
 ADAPTER_CONFIG_KEYS = ("r", "lora_alpha", "lora_dropout", "target_modules", "bias", "task_type",

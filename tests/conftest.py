@@ -1,24 +1,59 @@
-"""Shared fixtures: the tiny model (built once per session), free ports, real server processes."""
+"""Shared fixtures: the tiny model (built once per session), free ports, real server processes; the test tiers.
+
+Tiers: a test that trains a model or starts a server or client process is marked ``integration``; every
+other test is marked ``unit`` here, and :func:`_units_stay_units` makes that true -- a unit test that
+trains or starts a process fails, naming the marker it needs. ``scripts/test.sh -m unit`` is the fast tier.
+"""
 
 from __future__ import annotations
 
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
-import requests
 
+from fedllm.localserver import LocalServer
 from fedllm.tiny import build_tiny_llama
 
 ROOT = Path(__file__).resolve().parents[1]
+# Programs that serve, train or drive a federation: starting one makes a test an integration test.
+FEDLLM_PROGRAMS = frozenset({"run_server.sh", "run_client.sh", "server_http.py", "client_http.py", "simulate.py",
+                             "demo.sh", "gunicorn"})
 SHARED_DATASETS = ROOT.parent / "shared" / "datasets"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.get_closest_marker("integration") is None:
+            item.add_marker(pytest.mark.unit)
+
+
+@pytest.fixture(autouse=True)
+def _units_stay_units(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A unit test may not train (TRL/transformers ``Trainer.train``) or start a server or client process."""
+    if request.node.get_closest_marker("integration") is not None:
+        return
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("this test trains or starts a process: mark it @pytest.mark.integration")
+
+    from transformers import Trainer
+
+    popen = subprocess.Popen.__init__
+
+    def popen_unless_fedllm(self: subprocess.Popen, args: Any, *rest: Any, **kwargs: Any) -> None:
+        argv = [str(a) for a in args] if isinstance(args, (list, tuple)) else [str(args)]
+        if any(Path(a).name in FEDLLM_PROGRAMS for a in argv):
+            refuse()
+        popen(self, args, *rest, **kwargs)
+
+    monkeypatch.setattr(Trainer, "train", refuse)
+    monkeypatch.setattr(subprocess.Popen, "__init__", popen_unless_fedllm)
 
 
 @pytest.fixture(scope="session")
@@ -40,59 +75,14 @@ def joined_copy(source: Path, dest: Path, clients: dict[str, int]) -> Path:
     return dest
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class ServerProcess:
-    """``run_server.sh`` (gunicorn) on a free loopback port, killed at the end of the test."""
-
-    def __init__(self, args: list[str], log_path: Path, *, scheme: str = "http", env: dict[str, str] | None = None):
-        self.args = args
-        self.log_path = log_path
-        self.port = free_port()
-        self.url = f"{scheme}://127.0.0.1:{self.port}"
-        self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-        self.proc: subprocess.Popen | None = None
-
-    def start(self, verify: str | bool = True, timeout: float = 60.0) -> ServerProcess:
-        cmd = ["bash", str(ROOT / "run_server.sh"), *self.args, "--host", "127.0.0.1", "--port", str(self.port)]
-        log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env, start_new_session=True,
-                                     cwd=ROOT)
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log()}")
-            try:
-                if requests.get(self.url + "/healthz", timeout=2, verify=verify).ok:
-                    return self
-            except requests.RequestException:
-                pass
-            time.sleep(0.2)
-        raise TimeoutError(f"server did not come up:\n{self.log()}")
-
-    def kill(self, sig: int = signal.SIGKILL) -> None:
-        """Signal the whole process group (gunicorn master and workers)."""
-        if self.proc and self.proc.poll() is None:
-            os.killpg(self.proc.pid, sig)
-            self.proc.wait(timeout=30)
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-
-
 @pytest.fixture
 def start_server(tmp_path) -> Iterator:
-    servers: list[ServerProcess] = []
+    servers: list[LocalServer] = []
 
-    def _start(args: list[str], **kwargs) -> ServerProcess:
-        verify = kwargs.pop("verify", True)
-        server = ServerProcess(args, tmp_path / f"server-{len(servers)}.log", **kwargs)
+    def _start(args: list[str], **kwargs) -> LocalServer:
+        server = LocalServer(args, tmp_path / f"server-{len(servers)}.log", **kwargs)
         servers.append(server)
-        return server.start(verify=verify)
+        return server.start(timeout=60)
 
     yield _start
     for server in servers:

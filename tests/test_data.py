@@ -274,6 +274,7 @@ def test_task_mismatch(tmp_path, tok):
 # --- TRL ---
 
 
+@pytest.mark.integration
 def test_sft_trainer_completion_only_loss(tmp_path, tok, tiny_model_dir):
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import SFTConfig, SFTTrainer

@@ -70,6 +70,7 @@ def preferences(tmp_path_factory) -> Path:
 # --- DPO through LocalTrainer ---------------------------------------------------------------------------------
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("reference", ["global", "base"])
 def test_dpo_reference_is_the_round_global_or_the_base_model(reference, tiny_model_dir, preferences, tmp_path):
     federation = make_federation(tiny_model_dir, tmp_path / "state", dpo_reference=reference)
@@ -92,6 +93,7 @@ def test_dpo_reference_is_the_round_global_or_the_base_model(reference, tiny_mod
         global_tensors = {name: t + result.tensors.get(name, 0) for name, t in global_tensors.items()}
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("fed_alg", ALGORITHMS)
 def test_every_algorithm_runs_dpo_rounds(fed_alg, tiny_model_dir, preferences, tmp_path):
     federation = make_federation(tiny_model_dir, tmp_path / "state", fed_alg=fed_alg)
@@ -118,6 +120,7 @@ def test_every_algorithm_runs_dpo_rounds(fed_alg, tiny_model_dir, preferences, t
     assert set(new_global) == set(adapter) and all(torch.isfinite(t).all() for t in new_global.values())
 
 
+@pytest.mark.integration
 def test_eval_loss_is_the_global_adapters_before_training(tiny_model_dir, tmp_path):
     federation = make_federation(tiny_model_dir, tmp_path / "state", task="sft")
     data = write_demo_data(tmp_path / "data", num_clients=1, rows_per_client=16)[0]
@@ -131,6 +134,7 @@ def test_eval_loss_is_the_global_adapters_before_training(tiny_model_dir, tmp_pa
     assert again["eval_loss"] == pytest.approx(first["eval_loss"], abs=1e-5)
 
 
+@pytest.mark.integration
 def test_dpo_eval_loss_is_against_the_base_model(tiny_model_dir, preferences, tmp_path):
     federation = make_federation(tiny_model_dir, tmp_path / "state")  # dpo_reference=global
     trainer = local_trainer(federation, preferences, tmp_path / "out", local_eval_fraction=0.25)
@@ -169,6 +173,7 @@ def sft_federations(tiny_model_dir, tmp_path_factory) -> dict[str, Federation]:
             for template in ("alpaca", "vicuna_v1.1", "chat")}
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("template", ["alpaca", "vicuna_v1.1", "chat"])
 @pytest.mark.parametrize("name", sorted(SFT_DATA))
 def test_sft_round_on_real_data(name, template, sft_federations, tmp_path):
@@ -184,6 +189,7 @@ def test_sft_round_on_real_data(name, template, sft_federations, tmp_path):
     assert result.metrics["steps"] == 2 and math.isfinite(result.metrics["train_loss"])
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("file_name", ["test.jsonl", "test_prompt_chosen_rejected.jsonl"])
 def test_dpo_round_on_hh_rlhf(file_name, tiny_model_dir, tmp_path):
     if not HH_RLHF.exists():

@@ -66,6 +66,7 @@ def test_client_files_are_taken_in_numeric_order(tmp_path):
                                                        "local_training_10.json"]
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("fed_alg", sorted(BUILTIN))
 def test_every_algorithm_runs_ten_clients_three_rounds(fed_alg, tiny_model_dir, ten_clients, tmp_path):
     result = simulate_run(tiny_model_dir, ten_clients, tmp_path, fed_alg=fed_alg)
@@ -84,6 +85,7 @@ def test_every_algorithm_runs_ten_clients_three_rounds(fed_alg, tiny_model_dir, 
         assert {p.name for p in (tmp_path / "clients").iterdir()} == sampled
 
 
+@pytest.mark.integration
 def test_simulation_equals_the_http_federation(tiny_model_dir, three_clients, tmp_path, monkeypatch):
     """Same settings, data and seeds: the simulation's final adapter (and every client's held-out loss) is the
     HTTP federation's, bit for bit."""
@@ -146,6 +148,7 @@ def uninterrupted(tiny_model_dir, ten_clients, tmp_path_factory):
                         max_steps=2)
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("crash", ["before_accept", "after_accept"])
 def test_resume_after_a_crash_mid_round(crash, tiny_model_dir, ten_clients, uninterrupted, tmp_path, monkeypatch):
     """Killed in round 2 (its first update trained, then the crash before or after the server took it): a rerun
@@ -182,6 +185,7 @@ def test_resume_after_a_crash_mid_round(crash, tiny_model_dir, ten_clients, unin
         assert all(torch.equal(state[k], reference[k]) for k in reference)
 
 
+@pytest.mark.integration
 def test_resume_refuses_other_settings(tiny_model_dir, three_clients, tmp_path):
     simulate_run(tiny_model_dir, three_clients, tmp_path, num_clients=3, num_rounds=1)
     with pytest.raises(ValueError, match="--fed_alg 'fedprox'"):
@@ -191,6 +195,7 @@ def test_resume_refuses_other_settings(tiny_model_dir, three_clients, tmp_path):
         run_simulation(federation_args(tiny_model_dir, num_clients=3, num_rounds=1), CLIENT, sim, on_round=None)
 
 
+@pytest.mark.integration
 def test_local_and_central_baselines(tiny_model_dir, three_clients, tmp_path):
     local = simulate_run(tiny_model_dir, three_clients, tmp_path / "local", mode="local", num_clients=3, num_rounds=2)
     assert sorted(local.adapters) == ["client_0", "client_1", "client_2"]
@@ -206,6 +211,7 @@ def test_local_and_central_baselines(tiny_model_dir, three_clients, tmp_path):
     assert history[0]["metrics"]["central"]["steps"] == 2  # --max_steps x --sample_clients: one round's compute
 
 
+@pytest.mark.integration
 def test_cli_splits_one_dataset_on_the_fly(tiny_model_dir, three_clients, tmp_path, capsys):
     pooled = tmp_path / "pooled.jsonl"
     pooled.write_text("".join((three_clients / f"client_{i}.jsonl").read_text() for i in range(3)))
@@ -222,6 +228,7 @@ def test_cli_splits_one_dataset_on_the_fly(tiny_model_dir, three_clients, tmp_pa
     assert simulate.main([*argv, "--resume", "false"]) == 2  # an existing run is never overwritten
 
 
+@pytest.mark.integration
 def test_simulated_clients_keep_their_own_data(tiny_model_dir, three_clients, tmp_path):
     Federation.initialize(federation_args(tiny_model_dir, num_clients=3), tmp_path / "state")
     federation = Federation(Store(tmp_path / "state"))

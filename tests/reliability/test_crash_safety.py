@@ -22,7 +22,7 @@ from fedllm.faults import POINTS
 from ..test_integration import server_args
 from .driver import HttpFederationDriver
 
-pytestmark = pytest.mark.reliability
+pytestmark = [pytest.mark.reliability, pytest.mark.integration]
 
 CLIENTS = {"alice": 10, "bob": 20, "carol": 30}
 CASES = [(point, "group") for point in POINTS]

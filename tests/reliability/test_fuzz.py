@@ -520,9 +520,10 @@ def test_fuzz_operator_endpoints(target: Target, data: st.DataObject) -> None:
         elif action == "remove_client":
             body = data.draw(st.one_of(bodies(target.valid), join_like.map(lambda v: json.dumps(v).encode())))
             try:
-                named = json.loads(body).get("client_id") in CLIENTS
+                claimed = json.loads(body).get("client_id")
             except (ValueError, RecursionError, AttributeError):
-                named = False
+                claimed = None
+            named = isinstance(claimed, str) and claimed in CLIENTS
             request.body = json.dumps({"client_id": "zed"}).encode() if named else body
             request.content_length = "auto"
     check(target, send(target.apps[app].http, request), request, may_join=False)

@@ -17,7 +17,7 @@ from safetensors.torch import load
 from ..test_integration import server_args
 from .driver import HttpFederationDriver
 
-pytestmark = pytest.mark.reliability
+pytestmark = [pytest.mark.reliability, pytest.mark.integration]
 
 NUM_CLIENTS = 24
 

@@ -284,6 +284,7 @@ def _wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
         time.sleep(0.05)
 
 
+@pytest.mark.integration
 def test_sigterm_drains_in_flight_upload(tiny_model_dir: Path, tmp_path: Path, start_server) -> None:
     """SIGTERM to the gunicorn master while an upload is still streaming in: the upload completes with 202 and
     is recorded (a restarted server on the same state_dir has it), and the master exits within the graceful

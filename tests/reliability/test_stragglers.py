@@ -21,7 +21,7 @@ from ..conftest import run_client_process
 from ..test_integration import server_args
 from .driver import HttpFederationDriver
 
-pytestmark = pytest.mark.reliability
+pytestmark = [pytest.mark.reliability, pytest.mark.integration]
 
 
 def status(url: str, client: str = "observer") -> dict:
