@@ -1,15 +1,27 @@
 """Every option of fedllm, in one documented place.
 
-Three groups, parsed with ``transformers.HfArgumentParser`` from flags or from a YAML/JSON file
-given as ``--config FILE`` (flags given as well override the file):
+Parsed with ``transformers.HfArgumentParser`` from flags or from a YAML/JSON file given as
+``--config FILE`` (flags given as well override the file):
 
-* :class:`FederationArguments` -- the federation's shared settings. They are set once on the
-  server and served to every client (``GET /v1/config``); a client never overrides them.
+* :class:`FederationArguments` -- the federation's shared settings, set once on the server and served
+  to every client (``GET /v1/config``); a client never overrides them. One flat set of options in
+  three groups:
+
+  - :class:`FederationIdentityArguments`: what the federation computes (model, task, LoRA, algorithm,
+    local training). A server restarted on its state_dir must be given the same values.
+  - :data:`AlgorithmArguments`: every algorithm's hyperparameters (``--prox_mu``, ``--fedopt_tau`` ...),
+    each defined, documented and range-checked by its algorithm's dataclass
+    (``fedllm/algorithms/*_config.py``). Those of ``--fed_alg`` are identity too; only they are validated.
+  - :class:`FederationOperationalArguments`: how the federation is run (rounds, deadlines), which an
+    operator may change when restarting it. :func:`federation_changes` tells the two kinds of change apart.
+
 * :class:`ServerArguments` -- how the parameter server runs (state, network, auth).
 * :class:`ClientArguments` -- local-only settings of one data owner (data, batch size, device).
+* :class:`SimulationArguments`, :class:`EvaluationArguments` -- simulate.py; evaluate.py and export.py.
 
 Argument names follow OpenFedLLM where it has one (``--fed_alg``, ``--num_clients``,
-``--sample_clients``, ``--num_rounds``, ``--max_steps``, ``--peft_lora_r`` ...).
+``--sample_clients``, ``--num_rounds``, ``--max_steps``, ``--peft_lora_r`` ...). This module imports no
+torch (the algorithms' dataclasses do not need it), so that reading options stays fast.
 """
 
 from __future__ import annotations
@@ -18,9 +30,13 @@ import dataclasses
 import json
 import os
 import sys
+import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
+
+from .algorithms import BUILTIN_CONFIGS, AlgorithmConfig, algorithm_config_class, range_problem
 
 FEDERATION_ARGUMENT_NAMES: tuple[str, ...]  # filled in below the class
 
@@ -33,8 +49,9 @@ def _default_workers() -> int:
 
 
 @dataclass
-class FederationArguments:
-    """Shared by the whole federation; owned by the server and served to clients."""
+class FederationIdentityArguments:
+    """What the federation computes. Fixed for the life of a state_dir: a server restarted on it with other
+    values refuses to start."""
 
     # --- model and task ---
     model_name_or_path: str | None = field(
@@ -45,14 +62,21 @@ class FederationArguments:
     task: str = field(default="sft", metadata={"help": "Local training task.", "choices": ["sft", "dpo"]})
     template: str = field(
         default="alpaca",
-        metadata={"help": "Prompt template applied by every client (alpaca, vicuna_v1.1, chat)."},
+        metadata={"help": "Prompt template applied by every client.", "choices": ["alpaca", "vicuna_v1.1", "chat"]},
     )
-    seq_length: int = field(default=512, metadata={"help": "Maximum tokens per training example."})
+    seq_length: int = field(default=512, metadata={"help": "Maximum tokens per training example (>= 1)."})
+    dpo_beta: float = field(default=0.1, metadata={"help": "DPO beta > 0 (with --task dpo)."})
+    dpo_reference: str = field(
+        default="global",
+        metadata={"help": "DPO reference policy: 'global' (the round's global adapter, frozen) or 'base' "
+                          "(the base model without adapter, as OpenFedLLM). See docs/dpo.md.",
+                  "choices": ["global", "base"]},
+    )
 
     # --- LoRA ---
-    peft_lora_r: int = field(default=8, metadata={"help": "LoRA rank."})
-    peft_lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha (scaling = alpha / r)."})
-    peft_lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout."})
+    peft_lora_r: int = field(default=8, metadata={"help": "LoRA rank (>= 1)."})
+    peft_lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha > 0 (scaling = alpha / r)."})
+    peft_lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout, in [0, 1)."})
     target_modules: str | None = field(
         default=None,
         metadata={"help": "Comma-separated module names to adapt; default depends on the "
@@ -60,36 +84,24 @@ class FederationArguments:
     )
 
     # --- federation ---
-    fed_alg: str = field(default="fedavg", metadata={"help": "Federated algorithm (see fedllm.algorithms)."})
+    fed_alg: str = field(
+        default="fedavg",
+        metadata={"help": "Federated algorithm (fedllm.algorithms); its hyperparameters are the algorithm options."},
+    )
     num_clients: int = field(default=2, metadata={"help": "Clients in the federation; round 1 starts when this many have joined."})
-    sample_clients: int = field(default=2, metadata={"help": "Clients sampled per round (seeded)."})
-    num_rounds: int = field(default=10, metadata={"help": "Federated rounds."})
-    round_timeout: float = field(
-        default=3600.0,
-        metadata={"help": "Seconds after a round starts at which it closes with the updates it has "
-                          "(at least --min_fit_clients); 0 waits forever."},
-    )
-    min_fit_clients: int = field(
-        default=1, metadata={"help": "Fewest updates a round may close with at its deadline."}
-    )
-    on_insufficient: str = field(
-        default="extend",
-        metadata={"help": "At a deadline with fewer than --min_fit_clients updates: 'extend' the deadline, or "
-                          "'resample' (keep the clients that submitted, replace the stragglers).",
-                  "choices": ["extend", "resample"]},
-    )
+    sample_clients: int = field(default=2, metadata={"help": "Clients sampled per round (seeded), in [1, --num_clients]."})
     seed: int = field(default=2023, metadata={"help": "Seed for client sampling and the initial adapter."})
 
     # --- local training, set per round by the server ---
-    max_steps: int = field(default=10, metadata={"help": "Local optimizer steps per round."})
-    learning_rate: float = field(default=2e-5, metadata={"help": "Local learning rate (round 1)."})
+    max_steps: int = field(default=10, metadata={"help": "Local optimizer steps per round (>= 1)."})
+    learning_rate: float = field(default=2e-5, metadata={"help": "Local learning rate (round 1), > 0."})
     lr_schedule: str = field(
         default="constant",
         metadata={"help": "Learning rate across rounds: constant, or cosine from --learning_rate "
-                          "down to --min_learning_rate (OpenFedLLM's schedule).",
+                          "down to --min_learning_rate over --num_rounds (OpenFedLLM's schedule).",
                   "choices": ["constant", "cosine"]},
     )
-    min_learning_rate: float = field(default=1e-6, metadata={"help": "Final learning rate of the cosine schedule."})
+    min_learning_rate: float = field(default=1e-6, metadata={"help": "Final learning rate of the cosine schedule (>= 0)."})
 
     # --- wire ---
     wire_dtype: str = field(
@@ -98,58 +110,154 @@ class FederationArguments:
                   "choices": ["float32", "bfloat16", "float16"]},
     )
 
-    # --- algorithm hyperparameters ---
-    prox_mu: float = field(default=0.01, metadata={"help": "FedProx proximal weight mu."})
-    server_momentum: float = field(default=0.9, metadata={"help": "FedAvgM server momentum beta."})
-    server_lr: float = field(default=1.0, metadata={"help": "FedAvgM server learning rate eta_s."})
-    fedopt_eta: float = field(default=1e-3, metadata={"help": "FedAdagrad/FedYogi/FedAdam server learning rate eta."})
-    fedopt_tau: float = field(default=1e-3, metadata={"help": "FedAdagrad/FedYogi/FedAdam adaptivity tau."})
-    fedopt_beta1: float = field(default=0.9, metadata={"help": "FedYogi/FedAdam first-moment decay beta1."})
-    fedopt_beta2: float = field(default=0.99, metadata={"help": "FedYogi/FedAdam second-moment decay beta2."})
-    trim_ratio: float = field(default=0.1, metadata={"help": "FedTrimmedAvg: fraction trimmed at each end."})
-    krum_malicious: int = field(default=1, metadata={"help": "Krum: assumed number of malicious clients f."})
-    krum_keep: int = field(default=1, metadata={"help": "Krum: updates averaged (1 = Krum, >1 = multi-Krum)."})
-    max_update_norm: float = field(
-        default=0.0, metadata={"help": "Clip each client delta to this L2 norm before aggregation; 0 = off."}
+
+def _algorithm_arguments() -> type:
+    """Every built-in algorithm's hyperparameters as one flat dataclass of federation options.
+
+    Each option is defined once, by its algorithm's dataclass, and keeps its default and help there; one
+    inherited (``--max_update_norm`` by all, FedOpt's by FedYogi's and FedAdam's) is the same field.
+    """
+    options: dict[str, tuple[dataclasses.Field, Any]] = {}  # name -> (its field, its type)
+    for config in BUILTIN_CONFIGS.values():
+        types = typing.get_type_hints(config)
+        for f in dataclasses.fields(config):
+            if options.setdefault(f.name, (f, types[f.name]))[0] is not f:
+                raise TypeError(f"--{f.name} is defined by two algorithms' dataclasses; define it once and inherit it")
+    cls = dataclasses.make_dataclass("AlgorithmArguments", [
+        (name, type_, field(default=f.default, default_factory=f.default_factory, metadata=f.metadata))
+        for name, (f, type_) in options.items()
+    ])
+    cls.__module__ = __name__
+    cls.__doc__ = ("Every algorithm's hyperparameters. Only those of --fed_alg apply, and only they are validated; "
+                   "they are identity settings.")
+    return cls
+
+
+AlgorithmArguments = _algorithm_arguments()
+
+
+@dataclass
+class FederationOperationalArguments:
+    """How the federation is run: rounds, deadlines, outputs. An operator may change them when restarting the
+    server on its state_dir."""
+
+    num_rounds: int = field(
+        default=10,
+        metadata={"help": "Federated rounds (>= 1). Raising it on restart extends a federation (with --lr_schedule "
+                          "cosine, the remaining rounds follow the schedule over the new count)."},
     )
-    dpo_beta: float = field(default=0.1, metadata={"help": "DPO beta."})
-    dpo_reference: str = field(
-        default="global",
-        metadata={"help": "DPO reference policy: 'global' (the round's global adapter, frozen) or 'base' "
-                          "(the base model without adapter, as OpenFedLLM). See docs/dpo.md.",
-                  "choices": ["global", "base"]},
+    round_timeout: float = field(
+        default=3600.0,
+        metadata={"help": "Seconds after a round starts at which it closes with the updates it has "
+                          "(at least --min_fit_clients); 0 waits forever."},
+    )
+    min_fit_clients: int = field(
+        default=1, metadata={"help": "Fewest updates a round may close with at its deadline, in [1, --sample_clients]."}
+    )
+    on_insufficient: str = field(
+        default="extend",
+        metadata={"help": "At a deadline with fewer than --min_fit_clients updates: 'extend' the deadline, or "
+                          "'resample' (keep the clients that submitted, replace the stragglers).",
+                  "choices": ["extend", "resample"]},
+    )
+    save_model_freq: int = field(
+        default=10,
+        metadata={"help": "Write a PEFT adapter directory every N rounds (the final one always); 0 = only the final."},
+    )
+    max_control_norm: float = field(
+        default=1e6,
+        metadata={"help": "SCAFFOLD: largest L2 norm (over all control tensors together) of an upload's control "
+                          "update Δc_i; an upload over it is refused with 422, so one client cannot swing the "
+                          "server's c. 0 = no bound."},
     )
 
-    # --- outputs ---
-    save_model_freq: int = field(
-        default=10, metadata={"help": "Write a PEFT adapter directory every N rounds (the final one always)."}
-    )
+
+# A dataclass takes its bases' fields last base first: identity, the hyperparameters, then the operational ones.
+@dataclass
+class FederationArguments(FederationOperationalArguments, AlgorithmArguments, FederationIdentityArguments):
+    """Shared by the whole federation; owned by the server and served to clients.
+
+    One flat set of options in three groups (identity, the algorithms' hyperparameters, operational), as
+    flags, in --config files, in ``dataclasses.asdict`` served by ``GET /v1/config`` and kept in the state DB.
+    """
 
     def validate(self) -> None:
+        """Refuse settings a federation cannot run with, each problem naming its option and the range.
+
+        Of the algorithms' hyperparameters only ``--fed_alg``'s apply and are validated: Krum's default
+        ``--krum_malicious 1`` does not stop a FedAvg federation of two clients per round.
+        """
         problems = []
         if not self.model_name_or_path:
             problems.append("--model_name_or_path is required")
-        if self.num_clients < 1:
-            problems.append("--num_clients must be at least 1")
+        for f in dataclasses.fields(self):  # what argparse checks for flags, also for --config files and code
+            choices, value = f.metadata.get("choices"), getattr(self, f.name)
+            if choices and value not in choices:
+                problems.append(f"--{f.name} must be one of {', '.join(choices)}, got {value!r}")
         if not 1 <= self.sample_clients <= self.num_clients:
-            problems.append("--sample_clients must be between 1 and --num_clients")
+            problems.append(f"--sample_clients must be in [1, --num_clients = {self.num_clients}], "
+                            f"got {self.sample_clients}")
         if not 1 <= self.min_fit_clients <= self.sample_clients:
-            problems.append("--min_fit_clients must be between 1 and --sample_clients")
-        if self.num_rounds < 1 or self.max_steps < 1:
-            problems.append("--num_rounds and --max_steps must be at least 1")
-        if self.learning_rate <= 0:
-            problems.append("--learning_rate must be positive")
-        if self.round_timeout < 0:
-            problems.append("--round_timeout must be >= 0")
-        if self.template not in ("alpaca", "vicuna_v1.1", "chat"):
-            problems.append(f"unknown --template {self.template!r}")
+            problems.append(f"--min_fit_clients must be in [1, --sample_clients = {self.sample_clients}], "
+                            f"got {self.min_fit_clients}")
+        problems += filter(None, [
+            range_problem("seq_length", self.seq_length, at_least=1),
+            range_problem("dpo_beta", self.dpo_beta, above=0) if self.task == "dpo" else None,
+            range_problem("peft_lora_r", self.peft_lora_r, at_least=1),
+            range_problem("peft_lora_alpha", self.peft_lora_alpha, above=0),
+            range_problem("peft_lora_dropout", self.peft_lora_dropout, at_least=0, below=1),
+            range_problem("num_clients", self.num_clients, at_least=1),
+            range_problem("max_steps", self.max_steps, at_least=1),
+            range_problem("learning_rate", self.learning_rate, above=0),
+            range_problem("min_learning_rate", self.min_learning_rate, at_least=0),
+            range_problem("num_rounds", self.num_rounds, at_least=1),
+            range_problem("round_timeout", self.round_timeout, at_least=0),
+            range_problem("save_model_freq", self.save_model_freq, at_least=0),
+            range_problem("max_control_norm", self.max_control_norm, at_least=0),
+        ])
+        try:
+            self.algorithm_hyperparameters().validate(self)
+        except ValueError as exc:  # also an unknown --fed_alg
+            problems.append(str(exc))
         if problems:
             raise ValueError("; ".join(problems))
+
+    def algorithm_hyperparameters(self) -> AlgorithmConfig:
+        """``--fed_alg``'s hyperparameters, with this federation's values (not validated)."""
+        return algorithm_config_class(self.fed_alg).from_federation(self)
 
     def target_module_list(self) -> list[str] | None:
         if not self.target_modules:
             return None
         return [m.strip() for m in self.target_modules.split(",") if m.strip()]
+
+
+OPERATIONAL_OPTIONS: frozenset[str] = frozenset(f.name for f in dataclasses.fields(FederationOperationalArguments))
+
+Changes = dict[str, tuple[Any, Any]]
+
+
+def federation_changes(stored: Mapping[str, Any], new: FederationArguments) -> tuple[Changes, Changes]:
+    """What restarting the federation ``stored`` (its settings, as the state DB holds them) with ``new`` changes.
+
+    Returns ``(identity_changes, operational_changes)``, each option -> ``(old, new)``. Identity options --
+    :class:`FederationIdentityArguments` and the hyperparameters of its algorithm (the stored and the new
+    ``--fed_alg``'s) -- decide what the federation computes and must not change. The others may: the
+    :class:`FederationOperationalArguments`, and the hyperparameters of algorithms the federation does not
+    run, which change nothing it computes. An option missing from ``stored`` (a state dir written before the
+    option existed) ran with its default. ValueError if the stored ``--fed_alg`` is not installed.
+    """
+    old = {f.name: stored.get(f.name, _default(f)) for f in dataclasses.fields(FederationArguments)}
+    changed = {name: (value, getattr(new, name)) for name, value in old.items() if value != getattr(new, name)}
+    identity = {f.name for f in dataclasses.fields(FederationIdentityArguments)}
+    for fed_alg in {old["fed_alg"], new.fed_alg}:
+        identity.update(f.name for f in dataclasses.fields(algorithm_config_class(fed_alg)))
+    return ({k: v for k, v in changed.items() if k in identity},
+            {k: v for k, v in changed.items() if k not in identity})
+
+
+def _default(f: dataclasses.Field) -> Any:
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
 
 
 @dataclass
@@ -180,7 +288,26 @@ class ServerArguments:
         default=None, metadata={"help": "Where PEFT adapter directories are written (default: STATE_DIR/adapters)."}
     )
     rate_limit: float = field(
-        default=20.0, metadata={"help": "Requests per second allowed per client (bursts of twice that); 0 = off."}
+        default=20.0,
+        metadata={"help": "Requests per second allowed per authenticated identity (on an open server: per peer "
+                          "address), bursts of twice that, shared by all workers; 0 = off."},
+    )
+    allow_insecure_http: bool = field(
+        default=False,
+        metadata={"help": "Allow --auth_tokens on plain HTTP bound to a non-loopback address (tokens would cross "
+                          "the network in cleartext). Without it such a server refuses to start: use --certfile/"
+                          "--keyfile, or bind 127.0.0.1 behind a TLS front (deploy/nginx.conf)."},
+    )
+    header_timeout: float = field(
+        default=10.0, metadata={"help": "Seconds a connection has to send its request line and headers; then 408."}
+    )
+    min_body_rate_kib: float = field(
+        default=64.0,
+        metadata={"help": "Slowest request body accepted, in KiB/s averaged over each --body_rate_window (64 KiB/s "
+                          "lets a 160 MB upload pass on a 1 Mbit/s link); slower bodies are cut with 408."},
+    )
+    body_rate_window: float = field(
+        default=10.0, metadata={"help": "Seconds over which --min_body_rate_kib is averaged."}
     )
     log_level: str = field(default="INFO", metadata={"help": "Logging level."})
     log_format: str = field(
@@ -209,6 +336,11 @@ class ClientArguments:
         default=None, metadata={"help": "Bearer token (default: $FEDLLM_TOKEN). Prefer the environment to the command line."}
     )
     ca_bundle: str | None = field(default=None, metadata={"help": "CA bundle to verify an HTTPS server with."})
+    allow_insecure_http: bool = field(
+        default=False,
+        metadata={"help": "Send the token over plain http:// to a server on another machine (in cleartext). Without "
+                          "it the client refuses to; loopback servers (localhost, 127.0.0.0/8, ::1) need no flag."},
+    )
     dataset_name: str | None = field(
         default=None, metadata={"help": "Local data: a .json/.jsonl/.parquet/.csv file, a folder, or a Hugging Face dataset name."}
     )
@@ -240,6 +372,17 @@ class ClientArguments:
     max_poll_interval: float = field(default=30.0, metadata={"help": "Longest wait between polls."})
     request_timeout: float = field(default=300.0, metadata={"help": "Seconds before an HTTP request is given up."})
     max_retries: int = field(default=8, metadata={"help": "Retries of a request on network errors and 5xx."})
+    server_wait_timeout: float = field(
+        default=600.0, metadata={"help": "Seconds to wait at start for a server that does not answer yet; then exit 2."}
+    )
+    # What the server may ask of this machine: a larger request is refused (exit 2) instead of trained with.
+    max_local_steps: int = field(
+        default=10000, metadata={"help": "Most local steps per round the client takes from the server (max_steps)."}
+    )
+    max_learning_rate: float = field(
+        default=1.0, metadata={"help": "Highest local learning rate the client takes from the server."}
+    )
+    max_lora_rank: int = field(default=1024, metadata={"help": "Highest LoRA rank r the client takes from the server."})
     quiet: bool = field(default=False, metadata={"help": "No progress bars (also off when stderr is not a terminal)."})
     log_format: str = field(
         default="text",
@@ -259,7 +402,8 @@ FEDERATION_ARGUMENT_NAMES = tuple(f.name for f in dataclasses.fields(FederationA
 # from elsewhere (the base model from FederationArguments; output_dir and the clients' seed from SimulationArguments).
 SIMULATION_SKIPPED_CLIENT_FIELDS = frozenset({
     "server_url", "client_id", "token", "ca_bundle", "poll_interval", "max_poll_interval", "request_timeout",
-    "max_retries", "model_name_or_path", "output_dir", "seed",
+    "max_retries", "model_name_or_path", "output_dir", "seed", "allow_insecure_http", "server_wait_timeout",
+    "max_local_steps", "max_learning_rate", "max_lora_rank",
 })
 
 

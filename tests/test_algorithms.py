@@ -1,4 +1,4 @@
-"""Server rules, client hooks, clipping, schedule and registry of fedllm.algorithms.
+"""Server rules, client hooks, clipping, schedule, registry and hyperparameters of fedllm.algorithms.
 
 Every server rule is checked against a reference written out plainly below with Python floats
 over the flattened adapter -- independent of the implementation's helpers.
@@ -17,16 +17,20 @@ from safetensors.torch import load_file, save_file
 import fedllm.algorithms as algorithms
 from fedllm.algorithms import (
     BUILTIN,
+    BUILTIN_CONFIGS,
     CONTROL_PREFIX,
+    AlgorithmConfig,
     FedAlgorithm,
     InMemoryUpdate,
+    algorithm_config_class,
     available_algorithms,
+    check_range,
     cosine_learning_rate,
     get_algorithm,
     round_learning_rate,
     run_aggregation,
 )
-from fedllm.config import FederationArguments
+from fedllm.config import FederationArguments, federation_changes
 
 ALL_NAMES = [
     "fedavg", "fedprox", "scaffold", "fedavgm", "fedadagrad", "fedyogi", "fedadam",
@@ -388,19 +392,26 @@ def test_cosine_schedule():
 
 
 def test_registry_lists_all_ten_and_rejects_unknown_names():
-    assert sorted(BUILTIN) == sorted(ALL_NAMES)
+    assert sorted(BUILTIN) == sorted(BUILTIN_CONFIGS) == sorted(ALL_NAMES)
     assert set(ALL_NAMES) <= set(available_algorithms())
     for name in ALL_NAMES:
-        assert get_algorithm(name, make_config()).name == name
+        algo = get_algorithm(name, make_config())
+        assert algo.name == name and type(algo).config_class is BUILTIN_CONFIGS[name] is algorithm_config_class(name)
+        assert algo.hparams == BUILTIN_CONFIGS[name].from_federation(make_config())
     with pytest.raises(ValueError, match=r"unknown --fed_alg 'fedsgd'.*fedavg.*krum"):
         get_algorithm("fedsgd", make_config())
 
 
-def test_invalid_hyperparameters_are_rejected():
-    with pytest.raises(ValueError, match="trim_ratio"):
-        get_algorithm("fedtrimmedavg", make_config(trim_ratio=0.5))
-    with pytest.raises(ValueError, match="krum"):
-        get_algorithm("krum", make_config(krum_keep=0))
+@pytest.mark.parametrize(("name", "overrides", "message"), [
+    ("fedtrimmedavg", {"trim_ratio": 0.5}, r"--trim_ratio must be in \[0, 0\.5\), got 0\.5"),
+    ("krum", {"krum_keep": 0}, r"--krum_keep must be >= 1, got 0"),
+    ("krum", {"sample_clients": 4}, r"--sample_clients must be > 2 \* --krum_malicious \+ 2 = 4"),
+    ("fedadam", {"fedopt_tau": 0.0}, r"--fedopt_tau must be > 0, got 0\.0"),
+    ("fedavg", {"max_update_norm": -1.0}, r"--max_update_norm must be >= 0"),
+])
+def test_an_algorithm_is_not_built_with_out_of_range_hyperparameters(name, overrides, message):
+    with pytest.raises(ValueError, match=message):
+        get_algorithm(name, make_config(**overrides))
 
 
 class FakeEntryPoint:
@@ -412,7 +423,7 @@ class FakeEntryPoint:
 
 
 class HalfStep(FedAlgorithm):
-    """A third-party algorithm: w ← w + Δ̄/2."""
+    """A third-party algorithm without hyperparameters: w ← w + Δ̄/2."""
 
     name = "halfstep"
 
@@ -421,20 +432,69 @@ class HalfStep(FedAlgorithm):
         return {k: global_params[k] + 0.5 * mean[k] for k in global_params}, dict(state)
 
 
+@dataclasses.dataclass
+class ScaledStepConfig(AlgorithmConfig):
+    """A plug-in's hyperparameter: it reuses the federation option --server_lr."""
+
+    server_lr: float = 1.0
+
+    def validate(self, federation) -> None:
+        super().validate(federation)
+        check_range("server_lr", self.server_lr, above=0)
+
+
+class ScaledStep(FedAlgorithm):
+    """A third-party algorithm with a hyperparameter: w ← w + η_s·Δ̄."""
+
+    name = "scaledstep"
+    config_class = ScaledStepConfig
+
+    def aggregate(self, global_params, updates, state):
+        mean = algorithms.weighted_mean_delta(updates, global_params.keys())
+        return {k: global_params[k] + self.hparams.server_lr * mean[k] for k in global_params}, dict(state)
+
+
+@dataclasses.dataclass
+class UnknownOptionConfig(AlgorithmConfig):
+    clip: float = 1.0  # no federation option sets it
+
+
+class UnknownOption(HalfStep):
+    name = "unknownoption"
+    config_class = UnknownOptionConfig
+
+
 def test_third_party_algorithm_via_entry_point(monkeypatch):
     groups = []
 
     def fake_entry_points(*, group):
         groups.append(group)
-        return [FakeEntryPoint("halfstep", HalfStep), FakeEntryPoint("fedavg", HalfStep)]
+        return [FakeEntryPoint(cls.name, cls) for cls in (HalfStep, ScaledStep, UnknownOption)] + [
+            FakeEntryPoint("fedavg", HalfStep)]
 
     monkeypatch.setattr(algorithms, "entry_points", fake_entry_points)
     assert groups == [] and "halfstep" in available_algorithms()
     assert groups == ["fedllm.algorithms"]
     algo = get_algorithm("halfstep", make_config())
-    assert isinstance(algo, HalfStep)
+    assert isinstance(algo, HalfStep) and type(algo.hparams) is AlgorithmConfig
     assert type(get_algorithm("fedavg", make_config())) is BUILTIN["fedavg"]  # built-ins win
     g = initial_global()
     delta = {k: torch.ones_like(t) for k, t in g.items()}
     new, _ = run_aggregation(algo, g, [InMemoryUpdate("a", 1, delta)], {})
     assert all(torch.equal(new[k], g[k] + 0.5) for k in g)
+
+    # A plug-in's hyperparameters: read from --server_lr, validated when it is --fed_alg, identity settings.
+    assert algorithm_config_class("scaledstep") is ScaledStepConfig
+    scaled = get_algorithm("scaledstep", make_config(server_lr=0.25))
+    assert scaled.hparams == ScaledStepConfig(max_update_norm=0.0, server_lr=0.25)
+    new, _ = run_aggregation(scaled, g, [InMemoryUpdate("a", 1, delta)], {})
+    assert all(torch.equal(new[k], g[k] + 0.25) for k in g)
+    with pytest.raises(ValueError, match=r"--server_lr must be > 0, got 0\.0"):
+        make_config(fed_alg="scaledstep", server_lr=0.0).validate()
+    make_config(fed_alg="halfstep", server_lr=0.0).validate()
+    config = make_config(fed_alg="scaledstep")
+    changed = dataclasses.replace(config, server_lr=0.5)
+    assert federation_changes(dataclasses.asdict(config), changed) == ({"server_lr": (0.7, 0.5)}, {})
+
+    with pytest.raises(ValueError, match="UnknownOptionConfig declares clip, which are not federation options"):
+        get_algorithm("unknownoption", make_config())

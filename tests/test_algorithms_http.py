@@ -23,20 +23,21 @@ pytestmark = pytest.mark.integration
 ALGORITHMS = sorted(BUILTIN)
 
 
-def run_federation(tiny_model_dir, tmp_path, start_server, fed_alg: str, **overrides):
-    """Two clients, two rounds, real TRL training; returns (server, client output dirs)."""
-    settings = dict(num_clients=2, sample_clients=2, num_rounds=2, max_steps=2, fed_alg=fed_alg, krum_malicious=0)
+def run_federation(tiny_model_dir, tmp_path, start_server, fed_alg: str, clients: int = 2, **overrides):
+    """``clients`` clients (all sampled), two rounds, real TRL training; returns (server, client output dirs)."""
+    settings = dict(num_clients=clients, sample_clients=clients, num_rounds=2, max_steps=2, fed_alg=fed_alg,
+                    krum_malicious=0)
     settings.update(overrides)
     server = start_server(server_args(tiny_model_dir, tmp_path / "state", **settings))
-    data = write_demo_data(tmp_path / "data", num_clients=2, rows_per_client=8, seed=3)
-    outputs = [tmp_path / f"client{i}" for i in range(2)]
+    data = write_demo_data(tmp_path / "data", num_clients=clients, rows_per_client=8, seed=3)
+    outputs = [tmp_path / f"client{i}" for i in range(clients)]
     procs = [
         run_client_process(
             ["--server_url", server.url, "--client_id", f"client{i}", "--dataset_name", str(data[i]), "--batch_size", "4",
              "--output_dir", str(outputs[i]), "--quiet", "true", "--poll_interval", "0.2", "--max_poll_interval", "1"],
             tmp_path / f"client{i}.log", env={"OMP_NUM_THREADS": "1"},
         )
-        for i in range(2)
+        for i in range(clients)
     ]
     for i, proc in enumerate(procs):
         assert proc.wait(timeout=300) == 0, (tmp_path / f"client{i}.log").read_text()[-3000:] + server.log()[-3000:]
@@ -45,7 +46,8 @@ def run_federation(tiny_model_dir, tmp_path, start_server, fed_alg: str, **overr
 
 @pytest.mark.parametrize("fed_alg", ALGORITHMS)
 def test_two_round_federation_produces_a_loadable_adapter(fed_alg, tiny_model_dir, tmp_path, start_server):
-    server, _ = run_federation(tiny_model_dir, tmp_path, start_server, fed_alg)
+    # Krum needs sample_clients > 2f + 2: three clients with f = 0.
+    server, _ = run_federation(tiny_model_dir, tmp_path, start_server, fed_alg, clients=3 if fed_alg == "krum" else 2)
     history = requests.get(server.url + "/v1/history", headers={"X-FedLLM-Client": "t"}).json()
     assert [h["round"] for h in history] == [1, 2]
     final = tmp_path / "state" / "adapters" / "final"

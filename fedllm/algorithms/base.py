@@ -20,6 +20,7 @@ from typing import Any, ClassVar, Protocol
 import torch
 
 from ..threads import torch_threads
+from .base_config import AlgorithmConfig
 
 Tensors = dict[str, torch.Tensor]
 
@@ -95,13 +96,19 @@ class ClientHook:
     ``params`` maps adapter tensor names (as on the wire) to the live trainable parameters.
     ``global_tensors`` is everything the server sent with the round (the adapter, and for
     SCAFFOLD the ``control.`` tensors).
+
+    The state that survives between rounds (:meth:`state_dict`) is the caller's to keep: before
+    every round the caller loads the *committed* state into the hook (:meth:`load_state_dict`), and
+    after :meth:`end_round` it takes :meth:`state_dict` as the state the round leaves, which stays
+    pending until the server accepts the round's upload (``fedllm.client.state``). So a hook never
+    carries a state the server does not know of into the next round.
     """
 
     def begin_round(self, params: Mapping[str, torch.nn.Parameter], global_tensors: Mapping[str, torch.Tensor]) -> None:
         """Called after the global adapter is loaded, before the first step."""
 
     def extra_loss(self, params: Mapping[str, torch.nn.Parameter]) -> torch.Tensor | None:
-        """A term added to the training loss at every step, or None."""
+        """A term R(params) of the local objective, or None; each optimizer step's gradient gets ∇R exactly once."""
         return None
 
     def after_optimizer_step(self, params: Mapping[str, torch.nn.Parameter], lr: float) -> None:
@@ -112,11 +119,12 @@ class ClientHook:
         return {}
 
     def state_dict(self) -> Tensors:
-        """Client state that must survive between rounds and restarts (e.g. SCAFFOLD's c_i)."""
+        """Client state that must survive between rounds and restarts (e.g. SCAFFOLD's c_i); after
+        :meth:`end_round`, the state the round leaves."""
         return {}
 
     def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
-        """Restore what :meth:`state_dict` returned."""
+        """Replace the whole state by what :meth:`state_dict` returned ({}: the initial state)."""
 
 
 class FedAlgorithm(ABC):
@@ -126,13 +134,20 @@ class FedAlgorithm(ABC):
     (moments, momentum, control variates) return it from :meth:`init_state` and
     :meth:`aggregate`. The state is a flat dict of tensors so the server can persist it as
     safetensors next to the global adapter and resume bit for bit.
+
+    An algorithm with hyperparameters sets ``config_class`` to their dataclass (see
+    :mod:`.base_config`) and reads them from ``self.hparams``.
     """
 
     name: ClassVar[str]
+    config_class: ClassVar[type[AlgorithmConfig]] = AlgorithmConfig
 
     def __init__(self, config: Any):
-        """``config`` carries the hyperparameters (a ``FederationArguments``)."""
+        """``config`` is the federation's ``FederationArguments``; ``self.hparams`` its values of the
+        algorithm's hyperparameters (a ``config_class``), validated."""
         self.config = config
+        self.hparams = self.config_class.from_federation(config)
+        self.hparams.validate(config)
 
     def init_state(self, global_params: Mapping[str, torch.Tensor]) -> Tensors:
         return {}
@@ -150,6 +165,12 @@ class FedAlgorithm(ABC):
     def upload_extras(self, adapter_names: Iterable[str]) -> dict[str, str]:
         """Extra tensors a client must upload: name -> the adapter tensor whose shape it has."""
         return {}
+
+    def absorb_discarded(self, state: Mapping[str, torch.Tensor], updates: Sequence[Update]) -> Tensors:
+        """The state after folding in ``updates``: accepted (the clients committed the state they carry) but
+        discarded from the model's aggregate (an aborted round). Only algorithms with client-side state that
+        the server state mirrors (SCAFFOLD's c = (1/N) Σ c_i) change anything; the default returns ``state``."""
+        return dict(state)
 
     def client_hook(self) -> ClientHook:
         return ClientHook()
@@ -219,10 +240,10 @@ def run_aggregation(
 ) -> tuple[Tensors, Tensors]:
     """Aggregate one round: the single entry point used by the HTTP server and the simulation.
 
-    With ``config.max_update_norm > 0`` every client delta is first clipped to that L2 norm
+    With ``--max_update_norm`` > 0 every client delta is first clipped to that L2 norm
     (see :class:`ClippedUpdate`), so every algorithm sees the clipped deltas.
     """
-    max_norm = getattr(algorithm.config, "max_update_norm", 0.0) or 0.0
+    max_norm = algorithm.hparams.max_update_norm
     if max_norm > 0:
         updates = [ClippedUpdate(u, global_params.keys(), max_norm) for u in updates]
     with torch_threads(1):  # memory-bound elementwise work: one thread never waits for a second core

@@ -14,5 +14,5 @@ class FedAdam(FedOpt):
     name = "fedadam"
 
     def second_moment(self, v: torch.Tensor, delta_sq: torch.Tensor) -> torch.Tensor:
-        beta2 = self.config.fedopt_beta2
+        beta2 = self.hparams.fedopt_beta2
         return v * beta2 + delta_sq * (1 - beta2)

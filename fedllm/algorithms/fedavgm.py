@@ -9,18 +9,20 @@ from __future__ import annotations
 import torch
 
 from .base import MeanDeltaAlgorithm, Tensors
+from .fedavgm_config import FedAvgMConfig
 
 MOMENTUM_PREFIX = "momentum."
 
 
 class FedAvgM(MeanDeltaAlgorithm):
     name = "fedavgm"
+    config_class = FedAvgMConfig
 
     def init_state(self, global_params):
         return {MOMENTUM_PREFIX + k: torch.zeros_like(t, dtype=torch.float32) for k, t in global_params.items()}
 
     def server_step(self, global_params, mean_delta, state):
-        beta, lr = self.config.server_momentum, self.config.server_lr
+        beta, lr = self.hparams.server_momentum, self.hparams.server_lr
         new_global: Tensors = {}
         new_state: Tensors = {}
         for k, w in global_params.items():

@@ -19,6 +19,7 @@ from typing import ClassVar
 import torch
 
 from .base import MeanDeltaAlgorithm, Tensors
+from .fedopt_config import FedOptMomentsConfig
 
 FIRST_MOMENT_PREFIX = "m."
 SECOND_MOMENT_PREFIX = "v."
@@ -27,11 +28,13 @@ SECOND_MOMENT_PREFIX = "v."
 class FedOpt(MeanDeltaAlgorithm):
     """Base of FedAdagrad, FedYogi and FedAdam; subclasses define the second-moment update."""
 
-    # Whether the step uses the first moment m (FedYogi, FedAdam) or Δ̄ itself (FedAdagrad).
+    config_class = FedOptMomentsConfig
+    # Whether the step uses the first moment m (FedYogi, FedAdam) or Δ̄ itself (FedAdagrad, whose
+    # config_class has no β's).
     uses_first_moment: ClassVar[bool] = True
 
     def init_state(self, global_params):
-        tau = self.config.fedopt_tau
+        tau = self.hparams.fedopt_tau
         state: Tensors = {}
         for k, t in global_params.items():
             if self.uses_first_moment:
@@ -44,7 +47,8 @@ class FedOpt(MeanDeltaAlgorithm):
         """The new v given the old v and Δ̄² (must not modify ``v`` in place)."""
 
     def server_step(self, global_params, mean_delta, state):
-        eta, tau, beta1 = self.config.fedopt_eta, self.config.fedopt_tau, self.config.fedopt_beta1
+        eta, tau = self.hparams.fedopt_eta, self.hparams.fedopt_tau
+        beta1 = self.hparams.fedopt_beta1 if self.uses_first_moment else None
         new_global: Tensors = {}
         new_state: Tensors = {}
         scratch: dict[torch.Size, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}  # per shape, reused

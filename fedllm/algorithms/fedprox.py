@@ -14,6 +14,7 @@ import torch
 
 from .base import ClientHook, Tensors
 from .fedavg import FedAvg
+from .fedprox_config import FedProxConfig
 
 
 class FedProxHook(ClientHook):
@@ -36,6 +37,7 @@ class FedProx(FedAvg):
     """FedAvg on the server; :class:`FedProxHook` on the clients."""
 
     name = "fedprox"
+    config_class = FedProxConfig
 
     def client_hook(self) -> ClientHook:
-        return FedProxHook(self.config.prox_mu)
+        return FedProxHook(self.hparams.prox_mu)

@@ -11,18 +11,15 @@ import math
 
 import torch
 
+from .fedtrimmedavg_config import FedTrimmedAvgConfig
 from .robust import CoordinateWiseAlgorithm
 
 
 class FedTrimmedAvg(CoordinateWiseAlgorithm):
     name = "fedtrimmedavg"
-
-    def __init__(self, config):
-        super().__init__(config)
-        if not 0 <= config.trim_ratio < 0.5:
-            raise ValueError(f"--trim_ratio must be in [0, 0.5), got {config.trim_ratio}")
+    config_class = FedTrimmedAvgConfig
 
     def reduce(self, stacked: torch.Tensor) -> torch.Tensor:
         k = stacked.shape[0]
-        trim = min(math.floor(self.config.trim_ratio * k), (k - 1) // 2)
+        trim = min(math.floor(self.hparams.trim_ratio * k), (k - 1) // 2)
         return stacked.sort(dim=0).values[trim:k - trim].mean(dim=0)

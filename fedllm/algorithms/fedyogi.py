@@ -15,4 +15,4 @@ class FedYogi(FedOpt):
     name = "fedyogi"
 
     def second_moment(self, v: torch.Tensor, delta_sq: torch.Tensor) -> torch.Tensor:
-        return v - (1 - self.config.fedopt_beta2) * delta_sq * torch.sign(v - delta_sq)
+        return v - (1 - self.hparams.fedopt_beta2) * delta_sq * torch.sign(v - delta_sq)

@@ -4,8 +4,10 @@ Each delta Δ_i is scored by the sum of the squared L2 distances to its K − f 
 deltas (f = ``--krum_malicious``), and the m lowest-scored deltas are averaged unweighted
 (m = ``--krum_keep``): ``w ← w + (1/m)·Σ_{i∈best m} Δ_i``. m = 1 is Krum, m > 1 multi-Krum.
 
-Krum's guarantee needs K > 2f + 2. With fewer clients the neighbour count is clamped to
-``max(K − f − 2, 1)`` (at most K − 1), and m to K, so a round never fails for want of clients.
+Krum's guarantee needs K > 2f + 2, so a Krum federation needs ``--sample_clients`` > 2f + 2 and
+m ≤ ``--sample_clients`` − f (:class:`~.krum_config.KrumConfig`). A round that closes at its deadline
+with fewer updates (``--min_fit_clients``) clamps the neighbour count to ``max(K − f − 2, 1)`` (at most
+K − 1), and m to K, so it never fails for want of clients.
 
 The K × K squared-distance matrix is accumulated tensor by tensor, so memory is K tensors of
 one name (two passes over the updates: distances, then the average).
@@ -18,16 +20,13 @@ from collections.abc import Sequence
 import torch
 
 from .base import FedAlgorithm, Tensors, Update
+from .krum_config import KrumConfig
 from .robust import stacked_deltas
 
 
 class Krum(FedAlgorithm):
     name = "krum"
-
-    def __init__(self, config):
-        super().__init__(config)
-        if config.krum_malicious < 0 or config.krum_keep < 1:
-            raise ValueError("--krum_malicious must be >= 0 and --krum_keep >= 1")
+    config_class = KrumConfig
 
     @staticmethod
     def squared_distances(updates: Sequence[Update], names: Sequence[str]) -> torch.Tensor:
@@ -46,11 +45,11 @@ class Krum(FedAlgorithm):
     def select(self, dist: torch.Tensor) -> list[int]:
         """Indices of the m lowest Krum scores (ties to the lower index), in ascending order."""
         k = dist.shape[0]
-        neighbours = min(max(k - self.config.krum_malicious - 2, 1), k - 1)
+        neighbours = min(max(k - self.hparams.krum_malicious - 2, 1), k - 1)
         scores = [
             torch.cat([dist[i, :i], dist[i, i + 1:]]).sort().values[:neighbours].sum().item() for i in range(k)
         ]
-        keep = min(self.config.krum_keep, k)
+        keep = min(self.hparams.krum_keep, k)
         return sorted(sorted(range(k), key=lambda i: scores[i])[:keep])
 
     def aggregate(self, global_params, updates, state):

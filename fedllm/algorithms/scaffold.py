@@ -10,6 +10,11 @@ adapter it starts from, y its local adapter, K the round's optimizer steps and �
 rate, it corrects every optimizer step by ``y ← y − η·(c − c_i)`` and at the end of the round sets
 ``c_i⁺ = c_i − c + (x − y)/(K·η)`` and uploads ``Δc_i = c_i⁺ − c_i``.
 
+c = (1/N) Σ_i c_i holds only if c_i becomes c_i⁺ exactly when the server adds Δc_i: the client
+keeps c_i⁺ pending until the server accepts the upload and drops it when the upload is refused
+(``fedllm.client.state``); the client trainer loads the committed c_i into :class:`ScaffoldHook` before
+every round.
+
 On the wire (and in the server state) a control-variate tensor is named like its adapter tensor
 with the prefix ``control.``: the server serves c with the global adapter and requires Δc_i in
 every upload.
@@ -29,7 +34,7 @@ class ScaffoldHook(ClientHook):
     """Client side of SCAFFOLD: the step correction and the c_i update."""
 
     def __init__(self) -> None:
-        self._c_i: Tensors = {}  # survives between rounds (state_dict / load_state_dict)
+        self._c_i: Tensors = {}  # the committed c_i (load_state_dict); after end_round, c_i⁺
         self._x: Tensors = {}
         self._c: Tensors = {}
         self._correction: Tensors = {}  # c − c_i, fixed for the round
@@ -84,12 +89,20 @@ class Scaffold(FedAvg):
 
     def aggregate(self, global_params, updates, state):
         new_global, _ = super().aggregate(global_params, updates, state)  # Δ̄ over the adapter names only
+        return new_global, self._add_controls(state, updates)
+
+    def absorb_discarded(self, state, updates):
+        """A discarded update's client already moved c_i by Δc_i: c moves by Δc_i / N too, so c = (1/N) Σ c_i."""
+        return self._add_controls(state, updates)
+
+    def _add_controls(self, state, updates) -> dict[str, torch.Tensor]:
+        """c + (1/N) Σ_i Δc_i."""
         weight = 1.0 / self.config.num_clients
-        new_c = {CONTROL_PREFIX + k: state[CONTROL_PREFIX + k].to(torch.float32, copy=True) for k in global_params}
+        new_c = {k: t.to(torch.float32, copy=True) for k, t in state.items() if k.startswith(CONTROL_PREFIX)}
         for update in updates:
             for key, c in new_c.items():
                 c.add_(update.get(key), alpha=weight)
-        return new_global, new_c
+        return new_c
 
     def global_extras(self, state):
         return {k: t for k, t in state.items() if k.startswith(CONTROL_PREFIX)}
