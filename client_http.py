@@ -43,6 +43,8 @@ def main(argv: list[str] | None = None) -> int:
     (args,) = parse_args((ClientArguments,), argv)
     setup_logging("INFO", args.log_format)
     log = logging.getLogger("fedllm.client")
+    import requests
+
     from fedllm.client.http import ServerError
     from fedllm.client.runner import GlobalAdapterError, run_client
     from fedllm.client.trainer import ModelMismatchError
@@ -50,7 +52,11 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         report = run_client(args)
-    except (ServerError, ModelMismatchError, GlobalAdapterError, DataFormatError, ValueError, ConnectionError) as exc:
+    # One line and exit 2 for what the user can act on. ValueError covers the client's refusals of the server
+    # (trust.UntrustedServerError, trust.InsecureTransportError), a missing model (adapter.ModelNotFoundError),
+    # another federation's state and bad options; requests' errors are TLS and URL problems.
+    except (ServerError, ModelMismatchError, GlobalAdapterError, DataFormatError, ValueError, ConnectionError,
+            requests.RequestException) as exc:
         log.error("%s", exc)
         return 2
     headline = (f"client {args.client_id}: joined {len(report.rounds)} of {report.num_rounds} rounds, "

@@ -108,14 +108,15 @@ class Timers:
         from accelerate import Accelerator
         from trl import SFTTrainer
 
-        from fedllm.client import http, runner, trainer
+        from fedllm.client import http, runner, state, trainer
 
         self.events: list[tuple[str, float, float]] = []
         patches = [
             (http.FederationClient, "round_status", "poll"), (http.FederationClient, "download_global", "pull"),
             (http.FederationClient, "upload_update", "push"), (http.FederationClient, "config", "config"),
             (runner.Poller, "wait", "wait"), (runner, "decode_file", "decode"), (runner, "verify_global", "verify"),
-            (runner, "encode", "encode"), (runner, "atomic_write", "write pending"), (runner, "_play_round", "round"),
+            (trainer.RoundResult, "encode", "encode"), (state.ClientState, "write_pending", "write pending"),
+            (runner, "_play_round", "round"),
             (trainer, "set_adapter_tensors", "apply"), (trainer, "get_adapter_tensors", "snapshot"),
             (trainer.LocalTrainer, "_new_trainer", "trainer init"), (trainer.LocalTrainer, "train_round", "train_round"),
             (SFTTrainer, "train", "train"),

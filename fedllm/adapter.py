@@ -49,8 +49,20 @@ _VOLATILE_CONFIG_KEYS = {
 AdapterSpec = dict[str, tuple[int, ...]]
 
 
+class ModelNotFoundError(ValueError):
+    """``--model_name_or_path`` names no model this machine can read."""
+
+
 def load_model_config(model_name_or_path: str) -> PretrainedConfig:
-    return AutoConfig.from_pretrained(model_name_or_path)
+    """The model's config; a clear :class:`ModelNotFoundError` (not a traceback) when there is none."""
+    try:
+        return AutoConfig.from_pretrained(model_name_or_path)
+    except (OSError, ValueError) as exc:
+        where = ("no such directory" if not Path(model_name_or_path).exists()
+                 else "the directory holds no readable config.json")
+        raise ModelNotFoundError(
+            f"--model_name_or_path {model_name_or_path!r}: {where}, and no Hugging Face hub model of that name could "
+            f"be loaded ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from None
 
 
 def model_fingerprint(config: PretrainedConfig) -> str:

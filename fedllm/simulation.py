@@ -10,13 +10,15 @@ second implementation of federated learning:
   reads a simulation's;
 * the client side is one :class:`~fedllm.client.trainer.LocalTrainer` -- the base model loaded once --
   that trains every sampled client in turn with that client's own dataset and algorithm-hook state
-  (SCAFFOLD's c_i lives in ``OUTPUT_DIR/clients/<id>/client_state.safetensors``, as in an HTTP
-  client's ``--output_dir``). The delta travels as the same safetensors body an HTTP client uploads.
+  (SCAFFOLD's c_i lives in ``OUTPUT_DIR/clients/<id>/``, laid out and bound to the federation as in an
+  HTTP client's ``--output_dir``, :mod:`fedllm.client.state`). The delta travels as the same safetensors
+  body an HTTP client uploads, kept pending with the hook state it leaves until the federation accepts it.
 
 With the same settings, data and seeds, the final adapter equals the HTTP federation's
 (``tests/test_simulation.py`` checks it). A killed run restarted with the same arguments continues
-from its last completed round: updates already accepted in the open round are kept, and a client's
-hook state becomes current only once its update is accepted.
+from its last completed round: updates already accepted in the open round are kept, a trained update
+not yet accepted is re-sent as an HTTP client re-sends it, and a client's hook state becomes current
+only once its update is accepted.
 
 Modes: ``federated`` (``--fed_alg``), ``local`` (every client trains alone: a one-client FedAvg
 federation per client, which is local training, ``--max_steps`` per round) and ``central`` (all
@@ -28,24 +30,25 @@ of one federated round). ``local`` and ``central`` write the same state layout, 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import io
 import json
 import logging
-import os
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from safetensors.torch import load_file
-
+from .client.state import ClientState, FederationBinding, PendingUpdate
 from .client.trainer import LocalTrainer, RoundResult
 from .config import ClientArguments, FederationArguments, SimulationArguments
-from .fsutil import atomic_write_bytes, fsync_dir
+from .fsutil import atomic_write_bytes
+from .server.app import ERROR_STATUS
+from .server.errors import FederationError
 from .server.federation import Federation
 from .server.store import Store
-from .wire import decode_file, encode
+from .wire import decode_file
 
 log = logging.getLogger("fedllm.simulation")
 
@@ -111,8 +114,8 @@ class SimulatedClients:
 
     Each client keeps its own data -- training examples and, with ``--local_eval_fraction``, its held-out
     examples, both tokenised by TRL on the client's first round and then reused --, its sample count and
-    its algorithm-hook state. :meth:`train` points the trainer at one client and runs the trainer's own
-    ``train_round``.
+    its state folder (:class:`~fedllm.client.state.ClientState`). :meth:`play` points the trainer at one
+    client, runs the trainer's own ``train_round`` and hands the update over as an HTTP client does.
     """
 
     def __init__(self, trainer: LocalTrainer, clients_dir: Path):
@@ -137,48 +140,32 @@ class SimulatedClients:
     def num_samples(self, client_id: str) -> int:
         return len(self.datasets[client_id][0])
 
-    def state_file(self, client_id: str) -> Path:
-        return self.clients_dir / client_id / "client_state.safetensors"
+    def client_state(self, client_id: str, federation: Federation) -> ClientState:
+        """``client_id``'s state folder, bound to ``federation`` (refused if it holds another federation's state)."""
+        return ClientState(self.clients_dir / client_id, FederationBinding.of(federation.client_config()))
 
-    def _pending_state_file(self, client_id: str, round_number: int) -> Path:
-        return self.clients_dir / client_id / f"client_state.r{round_number:06d}.pending.safetensors"
+    def use_client(self, client_id: str, federation: Federation) -> None:
+        """Point the shared trainer at ``client_id``: its dataset, sample count and state folder."""
+        self.trainer.use_client(*self.datasets[client_id], self.client_state(client_id, federation))
 
-    def use_client(self, client_id: str, federation: Federation, round_number: int) -> None:
-        """Point the shared trainer at ``client_id``: its dataset, sample count and hook state.
-
-        The hook state of the round is written to a pending file; :meth:`commit` makes it the client's
-        state once the update is accepted.
-        """
-        hook = federation.algorithm.client_hook()
-        if self.state_file(client_id).exists():
-            hook.load_state_dict(load_file(str(self.state_file(client_id))))
-        self.trainer.use_client(*self.datasets[client_id], hook, self._pending_state_file(client_id, round_number))
-
-    def train(self, client_id: str, federation: Federation, global_tensors: Mapping[str, Any], round_number: int,
-              learning_rate: float, max_steps: int) -> RoundResult:
-        self.use_client(client_id, federation, round_number)
+    def play(self, client_id: str, federation: Federation, global_tensors: Mapping[str, Any], round_number: int,
+             learning_rate: float, max_steps: int) -> None:
+        """Train ``client_id``'s round and hand the update to ``federation``; its hook state commits on acceptance."""
+        self.use_client(client_id, federation)
         result = self.trainer.train_round(global_tensors, round_number, learning_rate, max_steps)
         self.datasets[client_id] = (self.trainer.train_dataset, self.trainer.eval_dataset)  # tokenised: reused
-        return result
+        state = self.trainer.client_state
+        pending = state.write_pending(round_number, result.encode(federation.config.wire_dtype),
+                                      self.num_samples(client_id), result.state)
+        state.deliver(pending, functools.partial(_hand_over, federation, client_id))
 
-    def commit(self, client_id: str, round_number: int) -> None:
-        """The update of ``round_number`` was accepted: its hook state becomes the client's."""
-        pending = self._pending_state_file(client_id, round_number)
-        if pending.exists():
-            os.replace(pending, self.state_file(client_id))
-            fsync_dir(pending.parent)
-
-    def recover(self, store: Store, client_ids: Sequence[str]) -> None:
-        """After a crash: commit the pending state of accepted updates, drop the others (retrained later)."""
-        pattern = re.compile(r"client_state\.r(\d+)\.pending\.safetensors")
+    def resend_pending(self, federation: Federation, client_ids: Sequence[str]) -> None:
+        """After a crash: re-send every update trained but not seen accepted (accepted: its state commits)."""
         for client_id in client_ids:
-            folder = self.clients_dir / client_id
-            for pending in sorted(folder.glob("client_state.r*.pending.safetensors")) if folder.exists() else []:
-                round_number = int(pattern.fullmatch(pending.name).group(1))
-                if store.get_update(store.read(), round_number, client_id) is not None:
-                    self.commit(client_id, round_number)
-                else:
-                    pending.unlink()
+            state = self.client_state(client_id, federation)
+            pending = state.pending()
+            if pending is not None:
+                state.deliver(pending, functools.partial(_hand_over, federation, client_id))
 
 
 def open_federation(config: FederationArguments, state_dir: Path) -> Federation:
@@ -189,8 +176,22 @@ def open_federation(config: FederationArguments, state_dir: Path) -> Federation:
 
 def submit(federation: Federation, client_id: str, round_number: int, num_samples: int, result: RoundResult) -> None:
     """Hand a client's update to the federation as the same safetensors body an HTTP client uploads."""
-    body = encode(result.tensors, federation.config.wire_dtype,
-                  metadata={k: repr(float(v)) for k, v in result.metrics.items()})
+    _receive(federation, client_id, round_number, num_samples, result.encode(federation.config.wire_dtype))
+
+
+def _hand_over(federation: Federation, client_id: str, pending: PendingUpdate) -> bool:
+    """Hand a pending update to the federation: True when accepted, False when refused (HTTP would answer 409)."""
+    try:
+        _receive(federation, client_id, pending.round, pending.num_samples, pending.update_path.read_bytes())
+    except FederationError as exc:
+        if ERROR_STATUS.get(type(exc)) != 409:
+            raise
+        log.warning("round %d: update of %s not taken (%s)", pending.round, client_id, exc)
+        return False
+    return True
+
+
+def _receive(federation: Federation, client_id: str, round_number: int, num_samples: int, body: bytes) -> None:
     federation.receive_update(client_id, round_number, num_samples, io.BytesIO(body).read, len(body), None)
 
 
@@ -202,7 +203,7 @@ def run_federation(federation: Federation, clients: SimulatedClients, client_ids
     """Drive ``federation`` to its end: every round, train the sampled clients in turn, submit, aggregate."""
     for client_id in client_ids:
         federation.join(client_id, clients.num_samples(client_id))  # a rejoin on resume changes nothing
-    clients.recover(federation.store, client_ids)
+    clients.resend_pending(federation, client_ids)
 
     def finished_round() -> None:
         history = federation.history()
@@ -222,10 +223,8 @@ def run_federation(federation: Federation, clients: SimulatedClients, client_ids
         for client_id in status["sampled"]:
             if client_id in status["received"]:
                 continue  # accepted before a restart
-            result = clients.train(client_id, federation, global_tensors, round_number,
-                                   round_config["learning_rate"], round_config["max_steps"])
-            submit(federation, client_id, round_number, clients.num_samples(client_id), result)
-            clients.commit(client_id, round_number)
+            clients.play(client_id, federation, global_tensors, round_number, round_config["learning_rate"],
+                         round_config["max_steps"])
         if not federation.tick():
             raise RuntimeError(f"round {round_number} did not aggregate; state in {federation.store.root}")
         finished_round()

@@ -54,6 +54,7 @@ def test_client_refuses_another_base_model(federation, tiny_model_dir, data_file
         LocalTrainer(federation.client_config(), client_args(data_file, tmp_path, model_name_or_path=str(other)))
 
 
+@pytest.mark.integration
 def test_train_round_returns_a_delta_of_the_adapter(federation, data_file, tmp_path):
     trainer = LocalTrainer(federation.client_config(), client_args(data_file, tmp_path))
     assert trainer.num_samples == 16
@@ -69,6 +70,7 @@ def test_train_round_returns_a_delta_of_the_adapter(federation, data_file, tmp_p
         torch.testing.assert_close(local[name], tensor, atol=1e-6, rtol=0)
 
 
+@pytest.mark.integration
 @pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="bitsandbytes is not installed")
 def test_4bit_base_model_trains_on_cpu(federation, data_file, tmp_path):
     trainer = LocalTrainer(federation.client_config(), client_args(data_file, tmp_path, load_in_4bit=True))
@@ -82,14 +84,17 @@ def test_4bit_base_model_trains_on_cpu(federation, data_file, tmp_path):
 def test_verify_global_refuses_bad_adapters(federation):
     expected = {k: list(v) for k, v in federation.spec.items()}
     good = decode_file(federation.latest_global().path)
-    verify_global(good, expected)
+    verify_global(good, expected, expected)
     name = next(iter(good))
     with pytest.raises(GlobalAdapterError, match="NaN"):
-        verify_global({**good, name: torch.full_like(good[name], float("nan"))}, expected)
+        verify_global({**good, name: torch.full_like(good[name], float("nan"))}, expected, expected)
     with pytest.raises(GlobalAdapterError, match="shape"):
-        verify_global({**good, name: torch.zeros(1)}, expected)
+        verify_global({**good, name: torch.zeros(1)}, expected, expected)
     with pytest.raises(GlobalAdapterError, match="lacks"):
-        verify_global({k: v for k, v in good.items() if k != name}, expected)
+        verify_global({k: v for k, v in good.items() if k != name}, expected, expected)
+    with pytest.raises(GlobalAdapterError, match="unexpected tensors"):
+        verify_global({**good, "control." + name: good[name]}, expected, expected)
+    verify_global({**good, "control." + name: good[name]}, expected, {**expected, "control." + name: expected[name]})
 
 
 def test_download_refuses_a_body_that_does_not_match_its_etag(tmp_path):
@@ -107,7 +112,7 @@ def test_download_refuses_a_body_that_does_not_match_its_etag(tmp_path):
     try:
         client = FederationClient(f"http://127.0.0.1:{server.server_port}", "alice", max_retries=2, quiet=True)
         with pytest.raises(ConnectionError, match="intact"):
-            client.download_global(tmp_path)
+            client.download_global(tmp_path, max_bytes=len(body))
         assert len(served) == 3 and not list(tmp_path.glob("*.safetensors"))
     finally:
         server.shutdown()
@@ -129,7 +134,9 @@ def test_restarted_client_continues_without_uploading_twice(tiny_model_dir, tmp_
             "--output_dir", str(tmp_path / "alice"), "--quiet", "true", "--poll_interval", "0.2", "--max_poll_interval", "1"]
     first = run_client_process(args, tmp_path / "alice-1.log")
     deadline = time.time() + 120
-    while "alice" not in call("GET", "/v1/round").json()["received"]:
+    pending = tmp_path / "alice" / "pending"
+    # Accepted, and the client saw it accepted (nothing pending any more).
+    while "alice" not in call("GET", "/v1/round").json()["received"] or any(pending.glob("*")):
         assert time.time() < deadline and first.poll() is None, (tmp_path / "alice-1.log").read_text()[-2000:]
         time.sleep(0.2)
     first.kill()  # killed after its round-1 update was accepted, while it waits for round 2
@@ -169,6 +176,7 @@ def test_options_from_a_yaml_file_and_flags(tmp_path, monkeypatch):
         parse_args((FederationArguments, ServerArguments), ["--config", str(config_file)])
 
 
+@pytest.mark.integration
 def test_num_samples_counts_only_examples_that_fit(federation, tmp_path):
     """Examples whose prompt alone fills seq_length are dropped by TRL; FedAvg must not weigh them."""
     rows = [{"instruction": "Name a fruit.", "input": "", "output": "apple"}] * 6

@@ -69,10 +69,12 @@ def test_client_files_are_taken_in_numeric_order(tmp_path):
 @pytest.mark.integration
 @pytest.mark.parametrize("fed_alg", sorted(BUILTIN))
 def test_every_algorithm_runs_ten_clients_three_rounds(fed_alg, tiny_model_dir, ten_clients, tmp_path):
-    result = simulate_run(tiny_model_dir, ten_clients, tmp_path, fed_alg=fed_alg)
+    # Krum needs sample_clients > 2f + 2: three sampled clients with f = 0.
+    sampling = dict(sample_clients=3, krum_malicious=0) if fed_alg == "krum" else {}
+    result = simulate_run(tiny_model_dir, ten_clients, tmp_path, fed_alg=fed_alg, **sampling)
     history = result.history["global"]
     assert [h["round"] for h in history] == [1, 2, 3]
-    assert all(len(h["participants"]) == 2 and h["train_loss"] > 0 for h in history)
+    assert all(len(h["participants"]) == sampling.get("sample_clients", 2) and h["train_loss"] > 0 for h in history)
     # The server's state_dir layout: PEFT directories every save_model_freq rounds and the final one.
     state = tmp_path / "state"
     assert (state / "adapters" / "round_2" / "adapter_config.json").is_file()
@@ -169,13 +171,13 @@ def test_resume_after_a_crash_mid_round(crash, tiny_model_dir, ten_clients, unin
         with pytest.raises(KeyboardInterrupt):
             simulate_run(tiny_model_dir, ten_clients, tmp_path, fed_alg="scaffold", max_steps=2)
     crashed_client = calls[-1]
-    pending = list((tmp_path / "clients" / crashed_client).glob("*.pending.safetensors"))
-    assert len(pending) == 1  # the hook state of the round is not the client's yet
+    pending = list((tmp_path / "clients" / crashed_client / "pending").glob("round-000002"))
+    assert len(pending) == 1  # the update and the hook state it leaves: not the client's state yet
     assert [h["round"] for h in json.loads((tmp_path / "history.json").read_text())] == [1]
 
     resumed = simulate_run(tiny_model_dir, ten_clients, tmp_path, fed_alg="scaffold", max_steps=2)
     assert resumed.history["global"][1]["participants"] == uninterrupted.history["global"][1]["participants"]
-    assert not list((tmp_path / "clients").glob("*/*.pending.safetensors"))
+    assert not list((tmp_path / "clients").glob("*/pending/*"))  # re-sent on resume, then committed
     expected = adapter_tensors(uninterrupted.adapters["global"])
     for name, tensor in adapter_tensors(resumed.adapters["global"]).items():
         assert torch.equal(tensor, expected[name]), name
@@ -237,6 +239,6 @@ def test_simulated_clients_keep_their_own_data(tiny_model_dir, three_clients, tm
     clients = SimulatedClients.load(federation.client_config(), args, sources, tmp_path / "clients")
     held_out = {cid: clients.datasets[cid][1][0]["prompt"] for cid in sources}
     assert len(set(held_out.values())) == 3  # every client holds out its own examples
-    clients.use_client("client_2", federation, 1)
+    clients.use_client("client_2", federation)
     assert clients.trainer.eval_dataset[0]["prompt"] == held_out["client_2"]
     assert clients.trainer.num_samples == len(clients.trainer.train_dataset) == 9

@@ -1,13 +1,17 @@
 """The client's loop: join, poll, pull the global adapter, train, push the delta, until finished.
 
-A crash-safe detail: the delta of a round is written to ``output_dir/pending/`` before it is
-uploaded, so a client restarted after training re-sends the same update (the server answers
-an identical retry as accepted, never counting it twice) instead of training again.
+A crash-safe detail: a round's update and the algorithm state it leaves are written to
+``output_dir/pending/`` before the upload (:mod:`fedllm.client.state`); the state becomes the
+client's only once the server accepted the update. A client restarted anywhere between training
+and that answer re-sends the same update first thing (the server answers an identical retry as
+accepted, never counting it twice) instead of training again, and commits or drops the state by
+the answer.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import random
 import sys
@@ -17,13 +21,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 
 from ..adapter import save_peft_adapter
 from ..config import ClientArguments
-from ..fsutil import atomic_write
-from ..wire import decode_file, encode
+from ..wire import WireError, decode_file, parse_header
 from .http import FederationClient, ServerError
+from .state import ClientState, FederationBinding, PendingUpdate
 from .trainer import LocalTrainer
+from .trust import check_round_config, check_round_status, check_server_config, download_limit
 
 log = logging.getLogger("fedllm.client")
 
@@ -81,17 +87,34 @@ def _kib(n: int) -> str:
     return f"{n / 1024:.1f} KiB" if n < 1 << 20 else f"{n / (1 << 20):.1f} MiB"
 
 
-def verify_global(tensors: dict[str, torch.Tensor], expected: dict[str, list[int]]) -> None:
-    """Refuse a global adapter with other names or shapes than the federation's, or non-finite values."""
-    adapter = {k: v for k, v in tensors.items() if k in expected}
-    missing = sorted(set(expected) - set(adapter))
+def verify_global(tensors: dict[str, torch.Tensor], expected: dict[str, list[int]],
+                  allowed: dict[str, list[int]]) -> None:
+    """Refuse a global adapter that lacks a tensor of ``expected`` (the adapter), holds one not in ``allowed``
+    (the adapter and its algorithm's extras, ``/v1/config``'s upload_tensors), has another shape, or non-finite
+    values."""
+    missing = sorted(set(expected) - set(tensors))
     if missing:
         raise GlobalAdapterError(f"global adapter lacks {len(missing)} tensors, e.g. {missing[:3]}")
-    for name, tensor in adapter.items():
-        if list(tensor.shape) != list(expected[name]):
-            raise GlobalAdapterError(f"global tensor {name} has shape {list(tensor.shape)}, expected {expected[name]}")
+    unexpected = sorted(set(tensors) - set(allowed))
+    if unexpected:
+        raise GlobalAdapterError(f"global adapter holds {len(unexpected)} unexpected tensors, e.g. "
+                                 f"{[name[:80] for name in unexpected[:3]]}")
+    for name, tensor in tensors.items():
+        if list(tensor.shape) != list(allowed[name]):
+            raise GlobalAdapterError(f"global tensor {name} has shape {list(tensor.shape)}, expected {allowed[name]}")
         if not torch.isfinite(tensor).all():
             raise GlobalAdapterError(f"global tensor {name} has NaN or infinite values; refusing to train on it")
+
+
+def load_global(path: Path, server_config: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The downloaded global adapter's tensors, once its structure, names, shapes and values are checked."""
+    try:
+        parse_header(path)
+        tensors = decode_file(path)
+    except (WireError, SafetensorError) as exc:
+        raise GlobalAdapterError(f"the global adapter is not a valid safetensors file: {exc}") from None
+    verify_global(tensors, server_config["adapter"], server_config["upload_tensors"])
+    return tensors
 
 
 class Poller:
@@ -110,15 +133,21 @@ class Poller:
         self.delay = self.base
 
 
-def wait_for_server(client: FederationClient, poller: Poller, timeout: float = 600.0) -> dict[str, Any]:
+def wait_for_server(client: FederationClient, poller: Poller, timeout: float) -> dict[str, Any]:
+    """The server's ``/v1/config``, polled for up to ``timeout`` seconds (``--server_wait_timeout``)."""
     deadline = time.time() + timeout
     while True:
+        remaining = deadline - time.time()
         try:
-            return client.config()
-        except ConnectionError:
-            if time.time() > deadline:
-                raise
-            log.info("waiting for the server at %s", client.base)
+            # One attempt at a time, none outliving the wait: the poller paces the retries.
+            return client.config(retries=0, timeout=max(1.0, min(remaining, client.timeout)))
+        except ConnectionError as exc:
+            if time.time() >= deadline:
+                raise ConnectionError(f"the server at {client.base} did not answer within --server_wait_timeout "
+                                      f"{timeout:g} s ({exc})") from None
+            log.info("waiting for the server at %s (for up to %.0f s more, --server_wait_timeout %g)", client.base,
+                     max(0.0, deadline - time.time()), timeout,
+                     extra={"event": "server_wait", "server_url": client.base, "timeout": timeout})
             poller.wait()
 
 
@@ -132,10 +161,23 @@ def run_client(args: ClientArguments) -> ClientReport:
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     client = FederationClient(args.server_url, args.client_id, token=args.resolved_token(), ca_bundle=args.ca_bundle,
-                              timeout=args.request_timeout, max_retries=args.max_retries, quiet=args.quiet)
+                              timeout=args.request_timeout, max_retries=args.max_retries, quiet=args.quiet,
+                              allow_insecure_http=args.allow_insecure_http)
     poller = Poller(args.poll_interval, args.max_poll_interval)
-    server_config = wait_for_server(client, poller)
+    server_config = wait_for_server(client, poller, args.server_wait_timeout)
+    check_server_config(server_config, args)
     federation = server_config["federation"]
+    # Refuses another federation's state files before the model is loaded.
+    state = ClientState(output_dir, FederationBinding.of(server_config))
+    # The client's own copy, when it names one, is the model; the server's name is then only a label.
+    served_model = federation["model_name_or_path"]
+    if args.model_name_or_path:
+        log.info("using the local model %s (the server's: %s); its config must have the server's fingerprint",
+                 args.model_name_or_path, served_model,
+                 extra={"event": "base_model", "model": args.model_name_or_path, "served_model": served_model})
+    else:
+        log.info("using the server's model %s", served_model,
+                 extra={"event": "base_model", "model": served_model, "served_model": served_model})
     trainer = LocalTrainer(server_config, args)
     client.join(trainer.num_samples)
     log.info("%s joined: %d examples, %s/%s, %d rounds", args.client_id, trainer.num_samples,
@@ -144,9 +186,15 @@ def run_client(args: ClientArguments) -> ClientReport:
                     "task": federation["task"], "fed_alg": federation["fed_alg"],
                     "num_rounds": federation["num_rounds"]})
     report = ClientReport(num_rounds=int(federation["num_rounds"]))
+    pending = state.pending()
+    if pending is not None:  # trained before a restart; the answer decides whether its state is ours
+        summary = _resend(client, state, pending)
+        if summary is not None:
+            report.rounds.append(summary)
     last_seen = None
     while True:
         status = client.round_status()
+        check_round_status(status)
         if (status["phase"], status["round"]) != last_seen:
             poller.reset()
             last_seen = (status["phase"], status["round"])
@@ -158,53 +206,62 @@ def run_client(args: ClientArguments) -> ClientReport:
                             "final_adapter": str(report.final_adapter)})
             return report
         if status["selected"] and not status["submitted"]:
-            summary = _play_round(client, trainer, server_config, status["round"], output_dir)
+            summary = _play_round(client, trainer, state, server_config, status["round"], output_dir)
             if summary is not None:
                 report.rounds.append(summary)
             continue
         poller.wait()
 
 
-def _play_round(client: FederationClient, trainer: LocalTrainer, server_config: dict[str, Any], round_number: int,
-                output_dir: Path) -> RoundSummary | None:
+def _play_round(client: FederationClient, trainer: LocalTrainer, state: ClientState, server_config: dict[str, Any],
+                round_number: int, output_dir: Path) -> RoundSummary | None:
     started = time.time()
     down0, up0 = client.bytes_down, client.bytes_up
-    global_path, version, sha = client.download_global(output_dir / "cache")
+    global_path, version, _sha = client.download_global(output_dir / "cache", download_limit(server_config))
     if version != round_number - 1:
         return None  # the round moved on while we looked; poll again
-    pending = output_dir / "pending" / f"round-{round_number:06d}-{sha[:16]}.safetensors"
-    for stale in pending.parent.glob("round-*.safetensors"):
-        if stale != pending:
-            stale.unlink()
-    metrics: dict[str, float] = {}
-    if not pending.exists():
-        tensors = decode_file(global_path)
-        verify_global(tensors, server_config["adapter"])
-        round_config = client.config()["round_config"]
-        log.info("round %d of %d: selected; training %d steps at learning rate %.3g on global v%d",
-                 round_number, server_config["federation"]["num_rounds"], round_config["max_steps"],
-                 round_config["learning_rate"], version,
-                 extra={"event": "round_training", "round": round_number, "max_steps": round_config["max_steps"],
-                        "learning_rate": round_config["learning_rate"], "global_version": version})
-        result = trainer.train_round(tensors, round_number, round_config["learning_rate"], round_config["max_steps"])
-        metrics = result.metrics
-        body = encode(result.tensors, server_config["federation"]["wire_dtype"],
-                      metadata={k: repr(float(v)) for k, v in metrics.items()})
-        atomic_write(pending, lambda tmp: Path(tmp).write_bytes(body))
-    else:
-        log.info("round %d: re-sending the update trained before a restart", round_number,
-                 extra={"event": "update_resent", "round": round_number})
+    tensors = load_global(global_path, server_config)
+    learning_rate, max_steps = check_round_config(client.config(), trainer.args)
+    log.info("round %d of %d: selected; training %d steps at learning rate %.3g on global v%d",
+             round_number, server_config["federation"]["num_rounds"], max_steps, learning_rate, version,
+             extra={"event": "round_training", "round": round_number, "max_steps": max_steps,
+                    "learning_rate": learning_rate, "global_version": version})
+    result = trainer.train_round(tensors, round_number, learning_rate, max_steps)
+    body = result.encode(server_config["federation"]["wire_dtype"])
+    # num_samples after training: the examples TRL kept, which FedAvg weighs (also when re-sent after a restart).
+    pending = state.write_pending(round_number, body, trainer.num_samples, result.state)
+    if not state.deliver(pending, functools.partial(_upload, client)):
+        return None
+    return _summarise(client, round_number, result.metrics, started, down0, up0)
+
+
+def _resend(client: FederationClient, state: ClientState, pending: PendingUpdate) -> RoundSummary | None:
+    """Re-send the update trained before a restart; its summary when accepted."""
+    started = time.time()
+    down0, up0 = client.bytes_down, client.bytes_up
+    log.info("round %d: re-sending the update trained before a restart", pending.round,
+             extra={"event": "update_resent", "round": pending.round})
+    metrics = pending.metrics()
+    if not state.deliver(pending, functools.partial(_upload, client)):
+        return None
+    return _summarise(client, pending.round, metrics, started, down0, up0)
+
+
+def _upload(client: FederationClient, pending: PendingUpdate) -> bool:
+    """Upload ``pending``: True once the server accepted it, False when it refused it (409: the federation moved on)."""
     try:
-        client.upload_update(round_number, pending, trainer.num_samples)
+        client.upload_update(pending.round, pending.update_path, pending.num_samples)
     except ServerError as exc:
         if exc.status != 409:
             raise
-        log.warning("round %d: update not taken (%s); the federation moved on", round_number, exc,
-                    extra={"event": "update_refused", "round": round_number, "status": exc.status})
-        return None
-    finally:
-        for done in pending.parent.glob("round-*.safetensors"):
-            done.unlink(missing_ok=True)
+        log.warning("round %d: update not taken (%s); the federation moved on", pending.round, exc,
+                    extra={"event": "update_refused", "round": pending.round, "status": exc.status})
+        return False
+    return True
+
+
+def _summarise(client: FederationClient, round_number: int, metrics: dict[str, float], started: float, down0: int,
+               up0: int) -> RoundSummary:
     summary = RoundSummary(round_number, metrics.get("train_loss"), int(metrics.get("steps", 0)),
                            time.time() - started, client.bytes_down - down0, client.bytes_up - up0,
                            metrics.get("eval_loss"))
@@ -221,9 +278,8 @@ def _save_final(client: FederationClient, server_config: dict[str, Any], output_
 
     from .trainer import LORA_KEYS
 
-    global_path, _version, _sha = client.download_global(output_dir / "cache")
-    tensors = decode_file(global_path)
-    verify_global(tensors, server_config["adapter"])
+    global_path, _version, _sha = client.download_global(output_dir / "cache", download_limit(server_config))
+    tensors = load_global(global_path, server_config)
     adapter = {k: v for k, v in tensors.items() if k in server_config["adapter"]}
     settings = {k: v for k, v in server_config["lora_config"].items() if k in LORA_KEYS}
     settings["base_model_name_or_path"] = server_config["federation"]["model_name_or_path"]

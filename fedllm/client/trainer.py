@@ -4,8 +4,10 @@ The same class serves the HTTP client and the simulation, so both train identica
 round: load the global adapter, evaluate it on the held-out local data (``--local_eval_fraction``),
 let the algorithm's :class:`~fedllm.algorithms.ClientHook` see it, train ``max_steps`` with TRL at
 the round's learning rate, and return the delta (local − global) plus any extra tensors the
-algorithm uploads. SFT and DPO share the whole round; they differ only in the TRL trainer and
-config (:meth:`LocalTrainer._new_trainer`) and in which logged values become metrics (``_LOGGED``).
+algorithm uploads, and the hook state the round leaves (pending until the server accepts the
+upload, :mod:`fedllm.client.state`). SFT and DPO share the whole round; they differ only in the TRL
+trainer and config (:meth:`LocalTrainer._new_trainer`) and in which logged values become metrics
+(``_LOGGED``).
 """
 
 from __future__ import annotations
@@ -19,7 +21,6 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from peft import LoraConfig, get_peft_model
-from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, PrinterCallback, Trainer, TrainerCallback
 
 from ..adapter import (
@@ -32,7 +33,8 @@ from ..adapter import (
 from ..algorithms import ClientHook, get_algorithm
 from ..algorithms.base import Tensors
 from ..config import ClientArguments, FederationArguments
-from ..fsutil import atomic_write
+from ..wire import encode, metrics_metadata
+from .state import ClientState, FederationBinding
 
 if TYPE_CHECKING:
     from datasets import Dataset
@@ -62,6 +64,11 @@ class ModelMismatchError(RuntimeError):
 class RoundResult:
     tensors: Tensors  # delta (local − global) and the algorithm's extra upload tensors
     metrics: dict[str, float] = field(default_factory=dict)
+    state: Tensors = field(default_factory=dict)  # the hook state the round leaves once its upload is accepted
+
+    def encode(self, wire_dtype: str) -> bytes:
+        """The upload body: the tensors in ``wire_dtype``, the metrics as safetensors metadata."""
+        return encode(self.tensors, wire_dtype, metadata=metrics_metadata(self.metrics))
 
 
 class _HookCallback(TrainerCallback):
@@ -77,7 +84,13 @@ class _HookCallback(TrainerCallback):
 
 
 def _trainer_with_hook(base_cls: type, hook: ClientHook, params: Mapping[str, torch.nn.Parameter]) -> type:
-    """A subclass of a TRL trainer that adds the hook's extra loss (e.g. FedProx's proximal term) in training."""
+    """A subclass of a TRL trainer that adds the hook's extra loss (e.g. FedProx's proximal term) in training.
+
+    The term R(w) counts once per optimizer step, whatever the gradient accumulation: with G micro-batches
+    (``current_gradient_accumulation_steps``) the step's gradient gets exactly ∇R(w) (FedProx: μ(w − w_g)).
+    ``Trainer.training_step`` divides each micro-batch's loss by G unless the loss is already normalised
+    over the whole accumulated batch (``num_items_in_batch``); then R(w)/G is added here instead.
+    """
 
     class HookedTrainer(base_cls):
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -87,10 +100,19 @@ def _trainer_with_hook(base_cls: type, hook: ClientHook, params: Mapping[str, to
             extra = hook.extra_loss(params) if model.training else None
             if extra is None:
                 return result
+            if self._loss_is_scaled_for_accumulation(num_items_in_batch):
+                extra = extra / self.current_gradient_accumulation_steps
             if return_outputs:
                 loss, outputs = result
                 return loss + extra, outputs
             return result + extra
+
+        def _loss_is_scaled_for_accumulation(self, num_items_in_batch) -> bool:
+            """Whether ``training_step`` leaves the loss undivided by G (transformers' rule, ``loss_is_scaled_for_ga``)."""
+            if self.loss_is_scaled_for_ga is not None:  # TRL's trainers say so (DPOTrainer: False)
+                return self.loss_is_scaled_for_ga
+            return bool(self.model_accepts_loss_kwargs and num_items_in_batch is not None) or (
+                self.compute_loss_func is not None)
 
     return HookedTrainer
 
@@ -107,7 +129,8 @@ class LocalTrainer:
     def __init__(self, server_config: Mapping[str, Any], args: ClientArguments, *, state_dir: Path | None = None):
         self.federation = FederationArguments(**server_config["federation"])
         self.args = args
-        self.state_path = (state_dir or Path(args.output_dir)) / "client_state.safetensors"
+        # Refuses another federation's state before anything is loaded.
+        self.client_state = ClientState(state_dir or Path(args.output_dir), FederationBinding.of(server_config))
         model_path = args.model_name_or_path or self.federation.model_name_or_path
         fingerprint = model_fingerprint(load_model_config(model_path))
         if fingerprint != server_config["model_fingerprint"]:
@@ -133,8 +156,6 @@ class LocalTrainer:
         self.train_dataset, self.eval_dataset = self.load_datasets()
         self.num_samples = len(self.train_dataset)
         self.hook = get_algorithm(self.federation.fed_alg, self.federation).client_hook()
-        if self.state_path.exists():
-            self.hook.load_state_dict(load_file(str(self.state_path)))
 
     def _load_model(self, model_path: str, on_gpu: bool):
         kwargs: dict[str, Any] = {}
@@ -171,13 +192,11 @@ class LocalTrainer:
         """
         return _hold_out(self._load_data(source), self.args.local_eval_fraction, self.args.seed)
 
-    def use_client(self, train_dataset: Dataset, eval_dataset: Dataset | None, hook: ClientHook,
-                   state_path: Path) -> None:
+    def use_client(self, train_dataset: Dataset, eval_dataset: Dataset | None, client_state: ClientState) -> None:
         """Train as another data owner from now on (the simulation shares one base model across clients)."""
         self.train_dataset, self.eval_dataset = train_dataset, eval_dataset
         self.num_samples = len(train_dataset)
-        self.hook = hook
-        self.state_path = state_path
+        self.client_state = client_state
 
     def _load_data(self, source: str | None = None) -> Dataset:
         from ..data import load_dpo_dataset, load_sft_dataset
@@ -270,14 +289,15 @@ class LocalTrainer:
         if self.federation.task == "dpo" and self.federation.dpo_reference == "global":
             self._set_reference(global_tensors)
         before = get_adapter_tensors(self.model)  # after the trainer is built: QLoRA casts the adapter to bf16
+        # Every round starts from the committed state, never from a round whose upload was not accepted.
+        self.hook.load_state_dict(self.client_state.committed())
         self.hook.begin_round(self.params, global_tensors)
         trainer.train()
         after = get_adapter_tensors(self.model)
         tensors = {k: after[k] - before[k] for k in after}
         tensors.update(self.hook.end_round(self.params, trainer.state.global_step, learning_rate))
-        self._save_hook_state()
         metrics.update(self._train_metrics(trainer.state.log_history, trainer.state.global_step, started))
-        return RoundResult(tensors, metrics)
+        return RoundResult(tensors, metrics, self.hook.state_dict())
 
     def _evaluate(self, trainer: Trainer) -> dict[str, float]:
         """The global adapter's loss on the held-out data, before training; for DPO against the base model.
@@ -290,11 +310,6 @@ class LocalTrainer:
             if f"eval_{key}" in results:
                 metrics[f"eval_{name}"] = float(results[f"eval_{key}"])
         return metrics
-
-    def _save_hook_state(self) -> None:
-        state = {k: v.contiguous() for k, v in self.hook.state_dict().items()}
-        if state:
-            atomic_write(self.state_path, lambda tmp: save_file(state, tmp))
 
     def _train_metrics(self, log_history: list[dict[str, Any]], steps: int, started: float) -> dict[str, float]:
         metrics = {"steps": float(steps), "seconds": time.time() - started}
