@@ -7,6 +7,6 @@ here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 python="${PYTHON:-python3}"
 [ -x "$here/.venv/bin/python" ] && python="$here/.venv/bin/python"
 case "${1:-}" in
-  add-client|add-admin) exec "$python" "$here/server_http.py" "$@" ;;
+  add-client|add-admin|add-viewer|revoke) exec "$python" "$here/server_http.py" "$@" ;;
 esac
 exec "$python" "$here/server_http.py" --use_gunicorn "$@"

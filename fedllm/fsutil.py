@@ -42,3 +42,13 @@ def atomic_write(path: str | Path, write: Callable[[str], None]) -> Path:
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     return atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
+
+
+def fsync_tree(path: str | Path) -> None:
+    """fsync every file below ``path`` and every directory, deepest first (before renaming the tree into place)."""
+    root = Path(path)
+    for current, _dirs, names in os.walk(root, topdown=False):
+        for name in names:
+            with open(Path(current) / name, "rb") as f:
+                os.fsync(f.fileno())
+        fsync_dir(current)

@@ -59,7 +59,18 @@ def encode(tensors: Mapping[str, torch.Tensor], wire_dtype: str = "float32", met
     return _save_bytes(prepared, metadata=dict(metadata) if metadata else None)
 
 
+# The metrics a client reports with its update (safetensors metadata): the ones fedllm's trainer writes,
+# plus up to MAX_USER_METRICS of the user's own named ``user_*``. Anything else is dropped on arrival, so an
+# upload cannot fill the shared views (/v1/history, /metrics) with keys of its own.
+KNOWN_METRICS = frozenset({
+    "train_loss", "final_loss", "steps", "seconds", "eval_loss", "eval_samples",
+    "reward_accuracy", "reward_margin", "final_reward_accuracy", "final_reward_margin",
+    "eval_reward_accuracy", "eval_reward_margin",
+})
+USER_METRIC_PREFIX = "user_"
+MAX_USER_METRICS = 16
 METRIC_KEY_MAX_CHARS = 64
+METRIC_BOUND = 1e15  # |value| above this is no loss, count or time fedllm reports
 
 
 def metrics_metadata(metrics: Mapping[str, float]) -> dict[str, str]:
@@ -68,17 +79,21 @@ def metrics_metadata(metrics: Mapping[str, float]) -> dict[str, str]:
 
 
 def parse_metrics(metadata: Mapping[str, str]) -> dict[str, float]:
-    """The inverse of :func:`metrics_metadata`: the finite numeric entries, other keys ignored."""
+    """The inverse of :func:`metrics_metadata`, normalised: known names (and the first user_ ones) whose value
+    is a finite number within ±METRIC_BOUND; every other key is dropped."""
     metrics: dict[str, float] = {}
-    for key, value in metadata.items():
-        if key == "format" or len(key) > METRIC_KEY_MAX_CHARS:
-            continue
+    user = 0
+    for key in sorted(metadata):
+        if key not in KNOWN_METRICS:
+            if not key.startswith(USER_METRIC_PREFIX) or len(key) > METRIC_KEY_MAX_CHARS or user >= MAX_USER_METRICS:
+                continue
         try:
-            number = float(value)
-        except ValueError:
+            number = float(metadata[key])
+        except (TypeError, ValueError):
             continue
-        if math.isfinite(number):
+        if math.isfinite(number) and abs(number) <= METRIC_BOUND:
             metrics[key] = number
+            user += key.startswith(USER_METRIC_PREFIX)
     return metrics
 
 

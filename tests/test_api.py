@@ -240,7 +240,7 @@ def test_join(prepared: Path, tmp_path: Path) -> None:
     response = api.join("alice", {"num_samples": 5})
     assert response.status_code == 200 and response.get_json()["clients_joined"] == 1
     assert api.get("/v1/round").get_json()["phase"] == "waiting"
-    assert_error(api.upload("alice", api.delta()), 409)  # no round yet
+    assert_error(api.upload("alice", api.delta(), num_samples="5"), 409)  # no round yet
     api.federation.store.close()
 
 

@@ -326,9 +326,9 @@ def test_auth_on_the_page_asks_for_the_admin_token_and_metrics_need_it(tiny_mode
         assert response.status_code == 200, (path, response.text)
     clients = requests.get(server.url + "/v1/clients", headers=bearer(admin), timeout=30).json()["clients"]
     assert [c["client_id"] for c in clients] == ["alice"]
-    # /metrics: the admin token, no client header; nothing else.
+    # /metrics: the viewer or admin token, no client header; a client's token is refused.
     assert requests.get(server.url + "/metrics", timeout=30).status_code == 401
-    assert requests.get(server.url + "/metrics", headers={"Authorization": f"Bearer {alice}"}, timeout=30).status_code == 401
+    assert requests.get(server.url + "/metrics", headers={"Authorization": f"Bearer {alice}"}, timeout=30).status_code == 403
     metrics = requests.get(server.url + "/metrics", headers={"Authorization": f"Bearer {admin}"}, timeout=30)
     assert metrics.status_code == 200 and "fedllm_clients_known 1.0" in metrics.text
 

@@ -272,7 +272,7 @@ def test_wrong_round_not_sampled_not_joined(open_federation) -> None:
 def test_no_round_yet(open_federation) -> None:
     fed = open_federation("fresh")
     fed.join("alice", 1)
-    expect_error(errors.NoOpenRound, push, fed, "alice", make_delta(fed, 1)[0], round_number=1)
+    expect_error(errors.NoOpenRound, push, fed, "alice", make_delta(fed, 1)[0], round_number=1, num_samples=1)
 
 
 def test_invalid_uploads_leave_nothing(open_federation) -> None:
@@ -672,3 +672,31 @@ def test_background_failure_is_visible_and_recovers(prepared: Path, tmp_path: Pa
         assert client.get("/readyz").status_code == 200
     fed.store.close()
     other_worker.store.close()
+
+
+def test_scaffold_abort_keeps_the_control_variates_consistent(prepared: Path, tiny_model_dir: Path,
+                                                             tmp_path: Path) -> None:
+    """An update answered 202 and then discarded by an abort: its client already committed c_i + Δc_i, so the
+    server's c still absorbs Δc_i / N at the next aggregation (c = (1/N) Σ c_i), and a retry of it counts once."""
+    from fedllm.server.versions import load_state
+
+    Federation.initialize(make_config(tiny_model_dir, fed_alg="scaffold"), tmp_path / "fresh")
+    fed = Federation(Store(joined_copy(tmp_path / "fresh", tmp_path / "state", CLIENTS)))
+    first, _ = sampled(fed)
+    aborted_body, aborted = make_delta(fed, 1)
+    push(fed, first, aborted_body)
+    fed.abort_round("admin")
+    assert push(fed, first, aborted_body)["duplicate"] is True  # the lost-response retry is not a new update
+    assert fed.status()["received"] == []
+    contributions = [aborted]
+    for i, client in enumerate(sampled(fed)):  # the new sample (it may draw the first client again)
+        body, tensors = make_delta(fed, 10 + i)
+        assert push(fed, client, body)["duplicate"] is False
+        contributions.append(tensors)
+    assert fed.tick() is True
+    _, state = load_state(fed.latest_global().state_path)
+    for name in (k for k in fed.upload_spec if k.startswith("control.")):
+        expected = sum(c[name] for c in contributions) / 3
+        torch.testing.assert_close(state[name], expected, rtol=1e-5, atol=1e-7)
+    assert fed.store.carried(fed.store.read()) == []
+    fed.store.close()

@@ -60,7 +60,9 @@ def test_three_client_federation_with_auth(tiny_model_dir, tmp_path, start_serve
     assert status["phase"] == "finished" and status["round"] == 3
     history = requests.get(server.url + "/v1/history", headers=headers).json()
     assert [h["round"] for h in history] == [1, 2, 3]
-    assert all(len(h["participants"]) == 2 and h["train_loss"] is not None for h in history)
+    # A client sees the aggregates and the participant counts, and only its own metrics.
+    assert all(h["num_participants"] == 2 and h["train_loss"] is not None for h in history)
+    assert all(set(h["metrics"]) <= {"client0"} and "participants" not in h for h in history)
 
     # Every client saved the same final adapter the server wrote, and it loads with PEFT and changes the logits.
     final = tmp_path / "state" / "adapters" / "final"

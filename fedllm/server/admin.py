@@ -50,12 +50,13 @@ class OperatorActions:
             current = self.store.current_round(db)
             if current is None or current.status != "training" or self.rounds.phase(db, current) == "finished":
                 raise NoRoundToAbort("only a round that is still training can be aborted")
-            paths = self.store.delete_updates(db, current.round)
+            discarded = len(self.store.updates(db, current.round))
+            paths = self.rounds.discard_updates(db, current.round)
             sampled = self.rounds.redraw(db, current)
-            self.store.add_event(db, actor, "abort_round", {"round": current.round, "discarded": len(paths),
+            self.store.add_event(db, actor, "abort_round", {"round": current.round, "discarded": discarded,
                                                             "sampled": sampled})
         self._delete(paths)
-        log.warning("round %d aborted by %s: %d updates discarded, re-sampled %s", current.round, actor, len(paths),
+        log.warning("round %d aborted by %s: %d updates discarded, re-sampled %s", current.round, actor, discarded,
                     sampled)
 
     def remove_client(self, actor: str, client_id: str) -> None:

@@ -13,10 +13,11 @@ import re
 import time
 
 from flask import Flask, Response, g, jsonify, request, send_file
+from flask.json.provider import DefaultJSONProvider
 from werkzeug.exceptions import HTTPException
 
-from . import errors, metrics
-from .auth import TokenRegistry
+from . import errors, metrics, views
+from .auth import ADMIN, CLIENT, VIEWER, Identity, TokenRegistry
 from .dashboard import PUBLIC_ENDPOINTS, client_states
 from .dashboard import bp as dashboard_bp
 from .federation import Federation
@@ -32,6 +33,7 @@ SHA256_RE = re.compile(r"[0-9a-fA-F]{64}")
 # ASCII digits only (str.isdigit() also takes '²', which int() refuses), few enough to fit an SQLite INTEGER.
 UINT_RE = re.compile(r"[0-9]{1,15}")
 MAX_NUM_SAMPLES = 10**15 - 1
+MAX_JSON_BYTES = 64 * 1024  # every JSON body of the API is a few hundred bytes
 UNAUTHENTICATED_PATHS = frozenset({"/healthz", "/readyz"})
 STORAGE_RETRY_AFTER = "30"
 
@@ -61,6 +63,7 @@ ERROR_STATUS: dict[type[errors.FederationError], int] = {
     errors.NoRoundToAbort: 409,
     errors.UploadTooLarge: 413,
     errors.InvalidUpdate: 422,
+    errors.TooManySamples: 422,
     errors.StorageUnavailable: 503,
 }
 
@@ -73,12 +76,41 @@ def error_response(exc: errors.FederationError) -> tuple[Response, int]:
     return response, status
 
 
+class StrictJSONProvider(DefaultJSONProvider):
+    """JSON responses in the order the server builds them, and never NaN or Infinity (not JSON; parsers refuse it)."""
+
+    sort_keys = False
+
+    def dumps(self, obj, **kwargs):
+        kwargs.setdefault("allow_nan", False)
+        return super().dumps(obj, **kwargs)
+
+
+class CountingReader:
+    """``read`` of the request body, counting the bytes actually read (what /metrics reports as received)."""
+
+    def __init__(self, read):
+        self._read = read
+        self.total = 0
+
+    def __call__(self, size: int = -1) -> bytes:
+        chunk = self._read(size)
+        self.total += len(chunk)
+        return chunk
+
+
 def _json_body() -> object:
-    """The request's JSON, or None when it is not JSON. ``silent`` covers ValueError, not deep nesting."""
+    """The request's JSON (at most MAX_JSON_BYTES, else 413), or None when it is not JSON.
+
+    ``silent`` covers ValueError, not deep nesting.
+    """
+    request.max_content_length = MAX_JSON_BYTES
     try:
-        return request.get_json(silent=True)
+        body = request.get_json(silent=True)
     except RecursionError:
         return None
+    g.body_bytes = request.content_length or 0
+    return body
 
 
 def _int_header(name: str, *, minimum: int) -> int:
@@ -98,7 +130,7 @@ def create_app(
     rate_limiter: RateLimiter | None = None,
 ) -> Flask:
     app = Flask("fedllm")
-    app.json.sort_keys = False  # keys in the order the server builds them
+    app.json = StrictJSONProvider(app)
     progress = BackgroundProgress(federation, start=start_ticker)
     metrics.install(app, federation, progress)  # first, so its request timer runs before any other before_request
     app.register_blueprint(dashboard_bp)  # GET / and /dashboard/static/*: no data, no auth
@@ -124,16 +156,38 @@ def create_app(
         log.exception("unhandled error on %s %s", request.method, request.path)
         return jsonify({"error": "internal error", "detail": type(exc).__name__}), 500
 
+    def _authenticate() -> Identity:
+        auth = request.headers.get("Authorization", "")
+        if not auth.startswith("Bearer ") or not auth[7:].strip():
+            raise errors.Unauthorized("send 'Authorization: Bearer <token>'")
+        identity = tokens.identify(auth[7:].strip())
+        if identity is None:
+            raise errors.Unauthorized("unknown token")
+        return identity
+
+    def _rate_limited(identity: Identity | None):
+        if rate_limiter is None:
+            return None
+        # The authenticated identity, or on an open server the peer: never an id the request merely claims.
+        key = f"{identity.role}:{identity.client_id or ''}" if identity else f"addr:{request.remote_addr}"
+        wait = rate_limiter.allow(key)
+        if wait <= 0:
+            return None
+        response = jsonify({"error": "rate limited", "detail": "too many requests; retry after Retry-After seconds"})
+        response.headers["Retry-After"] = str(max(1, round(wait)))
+        return response, 429
+
     @app.before_request
     def _identify():
         if request.path in UNAUTHENTICATED_PATHS or request.endpoint in PUBLIC_ENDPOINTS:
-            return
-        if request.endpoint == "metrics":  # for scrapers: no client header; the admin token when auth is on
-            if tokens is not None:
-                auth = request.headers.get("Authorization", "")
-                if not auth.startswith("Bearer ") or not tokens.identify(auth[7:].strip())[1]:
-                    raise errors.Unauthorized("/metrics needs 'Authorization: Bearer <admin token>'")
-            return
+            return None
+        identity = _authenticate() if tokens is not None else None
+        g.is_admin = identity is not None and identity.role == ADMIN
+        g.full_view = identity is None or identity.role in (ADMIN, VIEWER)
+        if request.endpoint == "metrics":  # for scrapers: no client header; the viewer or admin token
+            if identity is not None and identity.role == CLIENT:
+                raise errors.Forbidden("/metrics needs the viewer or the admin token")
+            return _rate_limited(identity)
         client_id = request.headers.get(CLIENT_HEADER)
         if client_id is None:
             raise errors.MissingHeader(f"{CLIENT_HEADER} is required")
@@ -141,27 +195,20 @@ def create_app(
             raise errors.InvalidClientId(
                 "client ids are 1-64 characters: letters, digits, '.', '_', '-', starting with a letter or digit")
         g.client_id = client_id
-        g.is_admin = False
-        if tokens is not None:
-            auth = request.headers.get("Authorization", "")
-            if not auth.startswith("Bearer ") or not auth[7:].strip():
-                raise errors.Unauthorized("send 'Authorization: Bearer <token>'")
-            owner, g.is_admin = tokens.identify(auth[7:].strip())
-            # The admin token reads everything and runs operator actions; it never pushes or joins.
-            admin_ok = g.is_admin and (request.method == "GET" or request.path.startswith("/v1/admin/"))
-            if owner is None and g.is_admin and not admin_ok:
-                raise errors.Forbidden("the admin token reads and runs operator actions; it cannot join or push "
-                                       "as a client")
-            if owner is None and not admin_ok:
-                raise errors.Unauthorized("unknown token")
-            if owner is not None and owner != client_id and not admin_ok:
+        if identity is not None and identity.role == CLIENT:
+            if identity.client_id != client_id:
                 raise errors.Forbidden(f"this token does not belong to client {client_id!r}")
-        if rate_limiter is not None:
-            wait = rate_limiter.allow(client_id)
-            if wait > 0:
-                response = jsonify({"error": "rate limited", "detail": f"too many requests from {client_id!r}"})
-                response.headers["Retry-After"] = str(max(1, round(wait)))
-                return response, 429
+            if federation.is_removed(client_id):  # every worker refuses a removed client from now on
+                raise errors.ClientRemoved(f"the operator removed {client_id!r} from the federation")
+        elif identity is not None:
+            # The viewer and admin tokens read everything; only the admin runs operator actions; neither
+            # joins nor pushes as a client.
+            acting = request.method != "GET" and not (identity.role == ADMIN and request.path.startswith("/v1/admin/"))
+            if acting:
+                raise errors.Forbidden(f"the {identity.role} token reads" + (
+                    " and runs operator actions" if identity.role == ADMIN else "") + "; it cannot join or push "
+                    "as a client")
+        return _rate_limited(identity)
 
     @app.get("/healthz")
     def healthz():
@@ -177,19 +224,23 @@ def create_app(
     @app.get("/v1/round")
     def get_round():
         federation.seen(g.client_id)
-        return jsonify(federation.status(g.client_id))
+        status = federation.status(g.client_id)
+        return jsonify(status if g.full_view else views.round_view(status, g.client_id))
 
     @app.get("/v1/config")
     def get_config():
-        return jsonify(federation.client_config())
+        config = federation.client_config()
+        return jsonify(config if g.full_view else views.config_view(config))
 
     @app.get("/v1/history")
     def get_history():
-        return jsonify(federation.history())
+        history = federation.history()
+        return jsonify(history if g.full_view else views.history_view(history, g.client_id))
 
     @app.get("/v1/clients")
     def get_clients():
-        return jsonify(client_states(federation))
+        states = client_states(federation)
+        return jsonify(states if g.full_view else views.clients_view(states, g.client_id))
 
     @app.post("/v1/join")
     def join():
@@ -223,14 +274,14 @@ def create_app(
         claimed = request.headers.get("X-Content-SHA256")
         if claimed is not None and not SHA256_RE.fullmatch(claimed):
             raise errors.InvalidHeader("X-Content-SHA256 must be 64 hex digits")
-        result = federation.receive_update(
-            g.client_id, int(raw_round), num_samples, request.stream.read, request.content_length, claimed
-        )
+        g.body_reader = CountingReader(request.stream.read)
+        result = federation.receive_update(g.client_id, int(raw_round), num_samples, g.body_reader,
+                                           request.content_length, claimed)
         progress.wake.set()
         return jsonify(result), 202
 
     def _admin(action: str) -> str:
-        if tokens is None or not g.is_admin:
+        if not g.is_admin:
             raise errors.AdminOnly("operator actions need the admin token (server_http.py add-admin) and a server "
                                    "started with --auth_tokens")
         actor = f"admin@{request.remote_addr}"

@@ -86,6 +86,12 @@ class MalformedUpdate(FederationError):
     error = "malformed update"
 
 
+class TooManySamples(FederationError):
+    """An upload claims more samples than its client joined with (it would take over the weighted mean)."""
+
+    error = "too many samples"
+
+
 class InvalidUpdate(FederationError):
     """Well-formed, but not an update of this federation (names, shapes, dtype, non-finite values)."""
 

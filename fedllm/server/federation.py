@@ -27,17 +27,7 @@ import torch
 
 from ..adapter import adapter_spec, build_lora_config, initial_adapter, load_model_config, model_fingerprint
 from ..algorithms import get_algorithm
-from ..config import FederationArguments
-
-try:  # TEMPORARY until fedllm.config.federation_changes lands
-    from ..config import federation_changes
-except ImportError:
-    _OPS = {"round_timeout", "min_fit_clients", "on_insufficient", "num_rounds", "save_model_freq"}
-
-    def federation_changes(stored, new):
-        cur = dataclasses.asdict(new)
-        diff = {k: (stored.get(k), v) for k, v in cur.items() if stored.get(k, v) != v}
-        return ({k: d for k, d in diff.items() if k not in _OPS}, {k: d for k, d in diff.items() if k in _OPS})
+from ..config import FederationArguments, federation_changes
 from ..wire import DTYPE_CODE, WIRE_DTYPES
 from .admin import OperatorActions
 from .errors import ClientRemoved, FederationFull
@@ -76,9 +66,10 @@ class Federation:
         self.max_upload_bytes = max_upload_bytes or 2 * adapter_bytes + (1 << 20)
         self.versions = GlobalVersions(store, self.config.wire_dtype, self.algorithm, self.lora_config_dict,
                                        self.output_dir)
-        self.rounds = RoundEngine(store, self.config, self.algorithm, self.versions)
+        self.rounds = RoundEngine(store, self.config, self.algorithm, self.versions,
+                                  carries_client_state=set(self.upload_spec) != set(self.spec))
         self.uploads = UploadIngestor(store, self.rounds, self.upload_spec, self.config.wire_dtype,
-                                      self.max_upload_bytes)
+                                      self.max_upload_bytes, self.config.max_control_norm)
         self.operator = OperatorActions(store, self.rounds)
         self._last_seen: dict[str, float] = {}
 
@@ -203,13 +194,21 @@ class Federation:
     def events(self) -> list[dict[str, Any]]:
         return self.operator.events()
 
+    def is_removed(self, client_id: str) -> bool:
+        return self.store.is_removed(self.store.read(), client_id)
+
     def seen(self, client_id: str) -> None:
-        """Record that a client polled; at most one durable write per client per SEEN_INTERVAL per process."""
+        """Record that a joined client polled; at most one durable write per client per SEEN_INTERVAL per process.
+
+        Ids that never joined leave no row (and no memory): an open server cannot be filled by made-up ids.
+        """
         now = time.time()
         if now - self._last_seen.get(client_id, 0.0) < SEEN_INTERVAL:
             return
-        self._last_seen[client_id] = now
         try:
+            if client_id not in self.store.clients(self.store.read()):
+                return
+            self._last_seen[client_id] = now
             with self.store.transaction() as db:
                 self.store.record_presence(db, client_id)
         except Exception as exc:  # bookkeeping only: a full or read-only disk must not fail a poll
@@ -224,7 +223,12 @@ class Federation:
             if client_id not in clients and len(clients) >= self.config.num_clients:
                 raise FederationFull(f"all {self.config.num_clients} client places are taken; "
                                      f"{client_id!r} is not one of them")
+            previous = clients.get(client_id, {}).get("num_samples")
             self.store.upsert_client(db, client_id, num_samples)
+            if previous is not None and previous != num_samples:
+                # Uploads may weigh at most what the client joined with; changing it is on the record.
+                self.store.add_event(db, client_id, "rejoin", {"num_samples": {"old": previous, "new": num_samples}})
+                log.warning("client %s re-joined with %d samples (was %d)", client_id, num_samples, previous)
             joined = len(clients) + (client_id not in clients)
             self.rounds.start_if_ready(db)
         log.info("client %s joined (%d samples)", client_id, num_samples)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import os
 import time
 from collections.abc import Callable
@@ -17,15 +18,20 @@ from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from ..algorithms.base import CONTROL_PREFIX
 from ..faults import fault_point
 from ..fsutil import fsync_dir
-from ..wire import WireError, parse_metrics, validate_tensors_file
+from ..threads import torch_threads
+from ..wire import TensorFile, WireError, parse_metrics, validate_tensors_file
 from .errors import (
     AlreadySubmitted,
     ChecksumMismatch,
     InvalidUpdate,
     MalformedUpdate,
     NotJoined,
+    TooManySamples,
     TruncatedBody,
     UploadTooLarge,
 )
@@ -41,12 +47,13 @@ class UploadIngestor:
     """Receives the updates of one federation."""
 
     def __init__(self, store: Store, rounds: RoundEngine, upload_spec: dict[str, tuple[int, ...]], wire_dtype: str,
-                 max_upload_bytes: int):
+                 max_upload_bytes: int, max_control_norm: float = 0.0):
         self.store = store
         self.rounds = rounds
         self.upload_spec = upload_spec
         self.wire_dtype = wire_dtype
         self.max_upload_bytes = max_upload_bytes
+        self.max_control_norm = max_control_norm
 
     def receive(self, client_id: str, round_number: int, num_samples: int, read: Callable[[int], bytes],
                 content_length: int | None, claimed_sha256: str | None) -> dict[str, Any]:
@@ -54,8 +61,12 @@ class UploadIngestor:
         if content_length is not None and content_length > self.max_upload_bytes:
             raise UploadTooLarge(f"{content_length} bytes; the limit is {self.max_upload_bytes}")
         db = self.store.read()
-        if client_id not in self.store.clients(db):
+        joined = self.store.clients(db).get(client_id)
+        if joined is None:
             raise NotJoined(f"POST /v1/join first as {client_id!r}")
+        if num_samples > joined["num_samples"]:
+            raise TooManySamples(f"X-FedLLM-Num-Samples {num_samples} is more than the {joined['num_samples']} "
+                                 f"examples {client_id!r} joined with; POST /v1/join again with the new count")
         if self.store.get_update(db, round_number, client_id) is None:  # a retry is answered once its digest is known
             self.rounds.check_can_submit(self.store.current_round(db), client_id, round_number)
 
@@ -68,13 +79,18 @@ class UploadIngestor:
             existing = self.store.get_update(self.store.read(), round_number, client_id)
             if existing is not None:  # a retry (even after the round closed) or a conflicting second update
                 return self._answer_resubmission(existing, client_id, round_number, digest)
+            if self._carried(client_id, round_number, digest):  # a retry of an update an abort carried away
+                return {"accepted": True, "duplicate": True, "round": round_number, "sha256": digest}
             try:
                 metadata = validate_tensors_file(incoming, self.upload_spec, self.wire_dtype)
             except WireError as exc:
                 raise (InvalidUpdate if exc.status == 422 else MalformedUpdate)(str(exc)) from None
+            self._check_control_norm(incoming)
             final = self.store.update_dir(round_number) / f"{client_id}.{digest[:16]}.safetensors"
             with storage_errors():
-                final.parent.mkdir(parents=True, exist_ok=True)
+                if not final.parent.exists():
+                    final.parent.mkdir(parents=True, exist_ok=True)
+                    fsync_dir(final.parent.parent)  # the new round directory itself survives a power loss
                 os.replace(incoming, final)
                 fsync_dir(final.parent)
             fault_point("upload.stored")
@@ -104,6 +120,21 @@ class UploadIngestor:
         fault_point("upload.committed")
         log.info("round %d: accepted update from %s (%d bytes, %d samples)", round_number, client_id, size, num_samples)
         return {"accepted": True, "duplicate": False, "round": round_number, "sha256": digest}
+
+    def _carried(self, client_id: str, round_number: int, digest: str) -> bool:
+        return any(r.client_id == client_id and r.round == round_number and r.sha256 == digest
+                   for r in self.store.carried(self.store.read()))
+
+    def _check_control_norm(self, path: Path) -> None:
+        """SCAFFOLD's Δc_i: bounded in L2 norm over all control tensors, so one upload cannot swing the server's c."""
+        names = [n for n in self.upload_spec if n.startswith(CONTROL_PREFIX)]
+        if not names or self.max_control_norm <= 0:
+            return
+        with TensorFile(path) as f, torch_threads(1):
+            norm = math.sqrt(sum(float(torch.linalg.vector_norm(f.get(n).to(torch.float32))) ** 2 for n in names))
+        if norm > self.max_control_norm:
+            raise InvalidUpdate(f"the control update's L2 norm {norm:.4g} is over --max_control_norm "
+                                f"{self.max_control_norm:g}")
 
     @staticmethod
     def _answer_resubmission(existing: UpdateRow, client_id: str, round_number: int, digest: str) -> dict[str, Any]:

@@ -11,11 +11,12 @@ What is measured:
 
 * per request: ``fedllm_http_requests_total{endpoint,method,status}``,
   ``fedllm_http_request_duration_seconds{endpoint,method}`` (``endpoint`` is the Flask URL rule,
-  e.g. ``/v1/update``, never the raw path), ``fedllm_http_received_bytes_total{endpoint}``,
+  e.g. ``/v1/update``, never the raw path), ``fedllm_http_received_bytes_total{endpoint}`` (body bytes actually read),
   ``fedllm_http_sent_bytes_total{endpoint}``, ``fedllm_worker_requests{pid}`` (per worker);
 * uploads: ``fedllm_updates_accepted_total``, ``fedllm_updates_duplicate_total`` (an identical
   retry) and ``fedllm_updates_rejected_total{reason,status}`` (reason: the API error, e.g. ``wrong_round``);
 * aggregation: ``fedllm_aggregation_duration_seconds`` (histogram, observed by the process that aggregated);
+* slow clients: ``fedllm_connections_cut_total{reason}`` (cut by the worker's deadlines, fedllm.server.worker);
 * background progress: ``fedllm_background_failures_total`` (failed ticks, each retried with backoff) and
   ``fedllm_degraded`` (1 while ``/healthz`` says ``degraded``);
 * read from the store at scrape time: ``fedllm_round``, ``fedllm_num_rounds``,
@@ -90,6 +91,8 @@ class Instruments:
         self.rejected = Counter("fedllm_updates_rejected", "Uploads refused, by API error.", ["reason", "status"])
         self.aggregation = Histogram("fedllm_aggregation_duration_seconds", "Time to aggregate a round.",
                                      buckets=AGGREGATION_BUCKETS)
+        self.connections_cut = Counter("fedllm_connections_cut", "Connections cut before their request arrived "
+                                       "(header_timeout, body_too_slow).", ["reason"])
         self.background_failures = Counter("fedllm_background_failures",
                                            "Failed background ticks (deadlines, aggregation); each is retried.")
 
@@ -193,8 +196,9 @@ def _record(metrics: Instruments, response: Response) -> None:
     started = g.get("metrics_started")
     if started is not None:
         metrics.latency.labels(endpoint, request.method).observe(time.perf_counter() - started)
-    if request.content_length and status != 413:  # a 413 is refused before its body is read
-        metrics.bytes_in.labels(endpoint).inc(request.content_length)
+    received = g.body_reader.total if "body_reader" in g else g.get("body_bytes", 0)  # bytes read, not announced
+    if received:
+        metrics.bytes_in.labels(endpoint).inc(received)
     if response.content_length:
         metrics.bytes_out.labels(endpoint).inc(response.content_length)
     metrics.worker_requests.inc()

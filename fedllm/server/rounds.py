@@ -12,7 +12,10 @@ The rules, in one place:
   submitted, are dropped; a round whose sample becomes empty is drawn again from the eligible
   clients, and when none are left the federation finishes, with an event saying why;
 * aggregation aggregates exactly the update rows it read: if a removal changed them meanwhile,
-  that attempt commits nothing and the next tick redoes it.
+  that attempt commits nothing and the next tick redoes it; an aggregate with NaN or infinite
+  values is never committed: the round starts over with a new sample (event ``round_aborted``);
+* an aggregated round that is not the last has a successor: a federation restarted with more
+  ``--num_rounds`` goes on.
 
 Several gunicorn workers run this against one ``state_dir``: SQLite transactions serialise the
 state changes and an ``flock`` elects the one process that aggregates a closed round.
@@ -42,19 +45,20 @@ FEDERATION_ACTOR = "federation"  # the actor of events the federation causes its
 FINISHED_KEY = "finished_early"  # meta key set when the federation ran out of eligible clients
 
 
-class AggregationError(RuntimeError):
-    """The aggregate is not usable (e.g. non-finite values): nothing was committed."""
-
-
 class RoundEngine:
     """Rounds of one federation: starting, closing, re-sampling and aggregating them."""
 
-    def __init__(self, store: Store, config: FederationArguments, algorithm: FedAlgorithm, versions: GlobalVersions):
+    def __init__(self, store: Store, config: FederationArguments, algorithm: FedAlgorithm, versions: GlobalVersions,
+                 *, carries_client_state: bool = False):
         self.store = store
         self.config = config
         self.algorithm = algorithm
         self.versions = versions
         self.sampler = ClientSampler(config.seed, config.sample_clients)
+        # Whether clients commit state with each accepted update (SCAFFOLD's c_i, uploaded as extra tensors): an
+        # aborted round's accepted updates are then carried to the next aggregation instead of deleted
+        # (FedAlgorithm.absorb_discarded), so the server's state keeps mirroring the clients'.
+        self.carries_client_state = carries_client_state
         self.after_aggregation: list[Callable[[int], None]] = []  # metrics, TensorBoard (fedllm.server.metrics)
 
     # ------------------------------------------------------------------ reads
@@ -163,6 +167,14 @@ class RoundEngine:
         self.store.set_sampled(db, current.round, sampled, self._deadline())
         return sampled
 
+    def discard_updates(self, db, round_number: int) -> list[str]:
+        """Take a round's accepted updates out of its aggregate. Returns files to delete after commit: none when
+        clients committed state with them (SCAFFOLD), whose updates are carried to the next aggregation instead."""
+        if self.carries_client_state:
+            self.store.carry_updates(db, round_number)
+            return []
+        return self.store.delete_updates(db, round_number)
+
     def drop_client(self, db, client_id: str) -> list[str]:
         """A removed client leaves the open round: its place and its update. Returns files to delete after commit."""
         current = self.store.current_round(db)
@@ -265,14 +277,18 @@ class RoundEngine:
                 return False
             started = time.time()
             rows = self._eligible_updates(db, current)
+            carried = self.store.carried(db)
             adapter, state = self.versions.load(self.store.latest_global(db))
             updates = [FileUpdate(r, self.store.resolve(r.path)) for r in rows]
             new_adapter, new_state = run_aggregation(self.algorithm, adapter, updates, state)
+            if carried:
+                new_state = self.algorithm.absorb_discarded(
+                    new_state, [FileUpdate(r, self.store.resolve(r.path)) for r in carried])
             fault_point("aggregate.loaded")
             bad = [k for k, v in {**new_adapter, **new_state}.items() if not all_finite(v)]
             if bad:
-                raise AggregationError(f"round {current.round}: the aggregate has non-finite values in {bad[:3]}; "
-                                       "nothing was committed")
+                self._abort_not_finite(current, bad)
+                return False
             version = current.round
             row = self.versions.write(version, new_adapter, new_state)
             is_final = version >= self.config.num_rounds
@@ -289,6 +305,9 @@ class RoundEngine:
                     log.warning("round %d: its updates changed while aggregating (a client was removed); redoing",
                                 version)
                     return False
+                if len(self.store.carried(db)) != len(carried):
+                    return False  # a round was aborted meanwhile: redo with its updates carried too
+                self.store.clear_carried(db)
                 self.store.insert_global(db, row)
                 self.store.insert_history(db, version, record)
                 self.store.set_round_status(db, version, "aggregated")
@@ -301,6 +320,24 @@ class RoundEngine:
         for hook in self.after_aggregation:
             hook(version)
         return True
+
+    def _abort_not_finite(self, closed: RoundRow, names: list[str]) -> None:
+        """An aggregate with NaN or infinite values is never committed: the round starts over, with an event."""
+        with self.store.transaction() as db:
+            current = self.store.current_round(db)
+            if current.round != closed.round or current.status != "closed":
+                return
+            discarded = len(self.store.updates(db, current.round))
+            paths = self.discard_updates(db, current.round)
+            self.store.set_round_status(db, current.round, "training")
+            sampled = self.redraw(db, current)
+            reason = f"the aggregate has NaN or infinite values (e.g. {names[:3]})"
+            self.store.add_event(db, FEDERATION_ACTOR, "round_aborted",
+                                 {"round": current.round, "reason": reason, "discarded": discarded, "sampled": sampled})
+        for path in paths:
+            self.store.resolve(path).unlink(missing_ok=True)
+        log.error("round %d aborted: %s; %d updates discarded, re-sampled %s", closed.round, reason, discarded,
+                  sampled)
 
     def _eligible_updates(self, db, current: RoundRow) -> list[UpdateRow]:
         """The round's updates from clients that are still sampled and eligible."""

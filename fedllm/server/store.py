@@ -18,7 +18,9 @@ transactions (``BEGIN IMMEDIATE``) serialise the gunicorn workers.
 from __future__ import annotations
 
 import errno
+import fcntl
 import json
+import os
 import sqlite3
 import threading
 import time
@@ -41,6 +43,11 @@ CREATE TABLE IF NOT EXISTS updates (
     round INTEGER NOT NULL, client_id TEXT NOT NULL, sha256 TEXT NOT NULL, num_samples INTEGER NOT NULL,
     path TEXT NOT NULL, metrics TEXT NOT NULL, size INTEGER NOT NULL, received_at REAL NOT NULL,
     PRIMARY KEY (round, client_id));
+-- Updates accepted but discarded from their round's aggregate (an aborted round) whose client-side state the
+-- server state must still absorb (SCAFFOLD's Δc_i); folded in by the next aggregation.
+CREATE TABLE IF NOT EXISTS carried (
+    round INTEGER NOT NULL, client_id TEXT NOT NULL, sha256 TEXT NOT NULL, num_samples INTEGER NOT NULL,
+    path TEXT NOT NULL, metrics TEXT NOT NULL, size INTEGER NOT NULL, received_at REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS globals (
     version INTEGER PRIMARY KEY, sha256 TEXT NOT NULL, path TEXT NOT NULL, state_path TEXT NOT NULL,
     size INTEGER NOT NULL, created_at REAL NOT NULL);
@@ -54,6 +61,7 @@ CREATE TABLE IF NOT EXISTS events (
 """
 
 
+LOCK_FILE = "server.lock"
 # Failures the operator can fix (free space, remount, permissions): the request changed nothing and may be retried.
 STORAGE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO, errno.EACCES, errno.EPERM})
 # SQLite's primary result codes for the same causes: PERM, READONLY, IOERR, FULL, CANTOPEN.
@@ -86,6 +94,32 @@ def storage_errors() -> Iterator[None]:
             raise
         raise StorageUnavailable(f"the server cannot write its state ({reason}); nothing was changed, "
                                  "retry later") from exc
+
+
+class StateDirInUse(RuntimeError):
+    """Another server holds the state_dir."""
+
+
+def lock_state_dir(state_dir: str | Path) -> int:
+    """Take the state_dir's exclusive lock (``server.lock``, holding the owner's pid) before anything in it is
+    touched; returns the file descriptor, held for the life of the process (and of the workers it forks).
+
+    A second server on the same state_dir raises :class:`StateDirInUse` naming the pid that holds it.
+    """
+    root = Path(state_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    fd = os.open(root / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise StateDirInUse(f"state_dir {root.resolve()} is in use by pid {holder}; stop that server first, or "
+                            "use another --state_dir") from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    os.fsync(fd)
+    return fd
 
 
 @dataclass(frozen=True)
@@ -261,6 +295,24 @@ class Store:
         paths = [r[0] for r in db.execute("SELECT path FROM updates WHERE round = ?", (round_number,))]
         db.execute("DELETE FROM updates WHERE round = ?", (round_number,))
         return paths
+
+    @staticmethod
+    def carry_updates(db: sqlite3.Connection, round_number: int) -> int:
+        """Move a round's update rows to ``carried`` (their files stay); returns how many."""
+        count = db.execute("INSERT INTO carried SELECT round, client_id, sha256, num_samples, path, metrics, size, "
+                           "received_at FROM updates WHERE round = ?", (round_number,)).rowcount
+        db.execute("DELETE FROM updates WHERE round = ?", (round_number,))
+        return count
+
+    @staticmethod
+    def carried(db: sqlite3.Connection) -> list[UpdateRow]:
+        rows = db.execute("SELECT round, client_id, sha256, num_samples, path, metrics, size, received_at FROM carried "
+                          "ORDER BY rowid")
+        return [UpdateRow(r[0], r[1], r[2], r[3], r[4], json.loads(r[5]), r[6], r[7]) for r in rows]
+
+    @staticmethod
+    def clear_carried(db: sqlite3.Connection) -> None:
+        db.execute("DELETE FROM carried")
 
     @staticmethod
     def remove_client(db: sqlite3.Connection, client_id: str) -> None:

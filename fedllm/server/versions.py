@@ -25,7 +25,7 @@ from ..adapter import save_peft_adapter
 from ..algorithms import FedAlgorithm
 from ..algorithms.base import Tensors
 from ..faults import fault_point
-from ..fsutil import atomic_write, fsync_dir
+from ..fsutil import atomic_write, fsync_dir, fsync_tree
 from ..wire import DTYPE_CODE, WIRE_DTYPES, TensorFile, sha256_file
 from .store import GlobalRow, Store, UpdateRow
 
@@ -122,6 +122,7 @@ class GlobalVersions:
         tmp = self.output_dir / f".{name}.{os.getpid()}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         save_peft_adapter(tmp, adapter, LoraConfig(**settings))
+        fsync_tree(tmp)  # durable before it replaces the previous export
         if target.exists():
             shutil.rmtree(target)
         os.replace(tmp, target)

@@ -7,7 +7,7 @@ tests/test_api.py::test_upload_over_limit and fuzzed in test_fuzz.py; it is not 
 from __future__ import annotations
 
 import hmac
-import shutil
+import sqlite3
 import time
 import types
 from collections.abc import Iterator
@@ -23,7 +23,7 @@ from fedllm.server import admin, auth, ingest, rounds
 from fedllm.server import federation as federation_module
 from fedllm.server import ratelimit as ratelimit_module
 from fedllm.server.app import create_app
-from fedllm.server.auth import hash_token
+from fedllm.server.auth import TokenRegistry, hash_token
 from fedllm.server.federation import Federation
 from fedllm.server.ratelimit import RateLimiter
 from fedllm.server.store import Store
@@ -59,6 +59,10 @@ class Secured:
         response = self.api.get("/v1/round", client, headers=bearer(self.tokens[client]))
         assert response.status_code == 200, response.get_json()
         return response.get_json()
+
+    def history(self) -> list[dict[str, Any]]:
+        """/v1/history as the admin sees it (participant ids included)."""
+        return self.api.get("/v1/history", OPERATOR, headers=bearer(self.admin)).get_json()
 
     def push(self, client: str, seed: int = 0) -> TestResponse:
         return self.api.upload(client, self.api.delta(seed), num_samples=str(CLIENTS[client]),
@@ -158,7 +162,7 @@ def test_pause_freezes_the_deadline(timed: Secured, clock: Clock) -> None:
     clock.now = deadline + 151
     assert timed.api.federation.tick() is True  # closed with the one update and aggregated
     history = timed.api.get("/v1/history", first, headers=bearer(timed.tokens[first])).get_json()
-    assert [h["participants"] for h in history] == [[first]]
+    assert [(h["num_participants"], list(h["metrics"])) for h in history] == [(1, [first])]
 
 
 def test_abort_round_discards_updates_and_resamples(secured: Secured) -> None:
@@ -181,8 +185,7 @@ def test_abort_round_discards_updates_and_resamples(secured: Secured) -> None:
     for i, client in enumerate(status["sampled"]):
         assert secured.push(client, 10 + i).status_code == 202
     assert secured.api.federation.tick() is True
-    history = secured.api.get("/v1/history", first, headers=bearer(secured.tokens[first])).get_json()
-    assert history[0]["participants"] == status["sampled"]
+    assert secured.history()[0]["participants"] == status["sampled"]
 
 
 def test_abort_needs_a_training_round(secured: Secured) -> None:
@@ -203,10 +206,11 @@ def test_remove_client(secured: Secured) -> None:
     assert_error(secured.api.join(second, {"num_samples": 5}, headers=bearer(secured.tokens[second])), 403,
                  "client removed")
     assert_error(secured.push(second), 403)
-    assert secured.status(second)["joined"] is False
+    # Its token stops working at once for everything, reads included.
+    assert_error(secured.api.get("/v1/round", second, headers=bearer(secured.tokens[second])), 403, "client removed")
     assert secured.api.federation.tick() is True
-    history = secured.api.get("/v1/history", first, headers=bearer(secured.tokens[first])).get_json()
-    assert history[0]["participants"] == [first] and second not in secured.status(first)["sampled"]
+    assert secured.history()[0]["participants"] == [first]
+    assert secured.status(first)["num_sampled"] == 2 and "sampled" not in secured.status(first)
     assert_error(secured.admin_call("remove_client", {"client_id": "zed"}), 404)
     assert_error(secured.admin_call("remove_client", {"client": second}), 400)
 
@@ -301,23 +305,51 @@ def test_tokens_compared_in_constant_time(secured: Secured, monkeypatch: pytest.
         assert len(calls) == len(stored)
 
 
-def test_rate_limit_is_per_client(prepared: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A burst from one client gets 429 JSON with Retry-After; another client and /healthz are unaffected, and
-    the client is served again once its bucket refills."""
+def test_rate_limit_is_per_identity_and_shared_by_workers(prepared: Path, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """A burst from one client's token gets 429 JSON with Retry-After; another client and /healthz are
+    unaffected; two workers (two apps on one state_dir) share one budget; the client is served again once its
+    bucket refills."""
     now = [1000.0]
-    monkeypatch.setattr(ratelimit_module, "time", types.SimpleNamespace(monotonic=lambda: now[0]))
+    monkeypatch.setattr(ratelimit_module, "time", types.SimpleNamespace(time=lambda: now[0]))
     state_dir = copy_joined(prepared, tmp_path / "state")
-    federation = Federation(Store(state_dir))
-    api = Api(federation, create_app(federation, None, start_ticker=False, rate_limiter=RateLimiter(rate=5)).test_client())
-    statuses = [api.get("/v1/round", "alice").status_code for _ in range(12)]
-    assert statuses == [200] * 10 + [429] * 2  # a burst of twice the rate, then nothing
-    limited = api.get("/v1/config", "alice")
+    tokens, _ = issue_tokens(tmp_path / "tokens.json")
+    registry = TokenRegistry(tmp_path / "tokens.json")
+    workers = []
+    for _ in range(2):
+        federation = Federation(Store(state_dir))
+        limiter = RateLimiter(state_dir / "ratelimit.db", rate=5)
+        workers.append(Api(federation, create_app(federation, registry, start_ticker=False,
+                                                  rate_limiter=limiter).test_client()))
+    alice = bearer(tokens["alice"])
+    statuses = [workers[i % 2].get("/v1/round", "alice", headers=alice).status_code for i in range(12)]
+    assert statuses == [200] * 10 + [429] * 2  # a burst of twice the rate across both workers, then nothing
+    limited = workers[0].get("/v1/config", "alice", headers=alice)
     assert_error(limited, 429, "rate limited")
     assert limited.headers["Retry-After"] == "1"
-    assert api.get("/v1/round", "bob").status_code == 200
-    assert api.http.get("/healthz").status_code == 200
+    assert workers[1].get("/v1/round", "bob", headers=bearer(tokens["bob"])).status_code == 200
+    assert workers[0].http.get("/healthz").status_code == 200
     now[0] += 0.2  # one request's worth at 5 per second
-    assert api.get("/v1/round", "alice").status_code == 200
-    assert api.get("/v1/round", "alice").status_code == 429
+    assert workers[1].get("/v1/round", "alice", headers=alice).status_code == 200
+    assert workers[0].get("/v1/round", "alice", headers=alice).status_code == 429
+    for api in workers:
+        api.federation.store.close()
+
+
+def test_open_server_rate_limit_is_keyed_on_the_peer(prepared: Path, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without tokens, rotating made-up client ids does not get around the limit: the key is the peer address."""
+    monkeypatch.setattr(ratelimit_module, "time", types.SimpleNamespace(time=lambda: 1000.0))
+    state_dir = copy_joined(prepared, tmp_path / "state")
+    federation = Federation(Store(state_dir))
+    limiter = RateLimiter(state_dir / "ratelimit.db", rate=5)
+    api = Api(federation, create_app(federation, None, start_ticker=False, rate_limiter=limiter).test_client())
+    statuses = [api.get("/v1/round", f"made-up-{i}").status_code for i in range(12)]
+    assert statuses == [200] * 10 + [429] * 2
+    rows = sqlite3.connect(state_dir / "ratelimit.db").execute("SELECT key FROM buckets").fetchall()
+    assert rows == [("addr:127.0.0.1",)]
+    # ... and none of those ids left a presence row: only joined clients are recorded.
+    assert not any(k.startswith("made-up") for k in federation.store.clients(federation.store.read()))
+    assert sqlite3.connect(state_dir / "state.db").execute(
+        "SELECT COUNT(*) FROM presence WHERE client_id LIKE 'made-up%'").fetchone() == (0,)
     federation.store.close()
-    shutil.rmtree(state_dir)

@@ -96,7 +96,7 @@ def target(prepared: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator
         federation = Federation(Store(state_dir))
         return Api(federation, create_app(federation, tokens, start_ticker=False, **kwargs).test_client())
 
-    apps = {"open": app(None), "secured": app(registry), "limited": app(None, rate_limiter=RateLimiter(rate=0.01))}
+    apps = {"open": app(None), "secured": app(registry), "limited": app(None, rate_limiter=RateLimiter(root / "ratelimit.db", rate=0.01))}
     sampled = apps["open"].sampled()[0]
     result = Target(state_dir, apps, {**tokens, "admin": admin}, sampled, apps["open"].delta())
     result.before = result.state()

@@ -290,7 +290,7 @@ def test_sigterm_drains_in_flight_upload(tiny_model_dir: Path, tmp_path: Path, s
     is recorded (a restarted server on the same state_dir has it), and the master exits within the graceful
     timeout."""
     state_dir = tmp_path / "state"
-    args = server_args(tiny_model_dir, state_dir, workers=2, threads=2)
+    args = server_args(tiny_model_dir, state_dir, workers=2, threads=2, max_upload_mb=8)
     server = start_server(args)
     for client, n in CLIENTS.items():
         requests.post(server.url + "/v1/join", json={"num_samples": n}, headers={"X-FedLLM-Client": client},
@@ -299,15 +299,17 @@ def test_sigterm_drains_in_flight_upload(tiny_model_dir: Path, tmp_path: Path, s
     status = requests.get(server.url + "/v1/round", headers=headers, timeout=30).json()
     client = status["sampled"][0]
     spec = requests.get(server.url + "/v1/config", headers=headers, timeout=30).json()["upload_tensors"]
-    body = encode({name: torch.full(shape, 0.01) for name, shape in spec.items()}, metadata={"train_loss": "1.0"})
+    # Over 1 MiB (padded metadata), so the worker spools the arriving body to incoming/ where the test can see it.
+    body = encode({name: torch.full(shape, 0.01) for name, shape in spec.items()},
+                  metadata={"train_loss": "1.0", "pad": "x" * (2 << 20)})
     head = (f"POST /v1/update?round={status['round']} HTTP/1.1\r\nHost: 127.0.0.1\r\nX-FedLLM-Client: {client}\r\n"
             f"X-FedLLM-Num-Samples: {CLIENTS[client]}\r\nContent-Type: application/octet-stream\r\n"
             f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode()
 
     with socket.create_connection(("127.0.0.1", server.port), timeout=60) as sock:
         sock.sendall(head + body[: len(body) // 4])
-        # The worker is inside the upload once its body is streaming into incoming/.
-        _wait_for(lambda: any((state_dir / "incoming").glob("*.part")), 30, "the upload never started")
+        # The worker has the upload once its body is arriving in incoming/ (spooled by the worker's event loop).
+        _wait_for(lambda: any((state_dir / "incoming").glob("*.spool")), 30, "the upload never started")
         started = time.monotonic()
         os.kill(server.proc.pid, signal.SIGTERM)  # the master only, as systemd or Kubernetes would
         _wait_for(lambda: "Handling signal: term" in server.log(), 10, "the master did not take SIGTERM")

@@ -2,7 +2,7 @@
 
 The page and its static files hold no data and need no auth; the page reads the same JSON
 endpoints as ``curl`` (``/v1/round``, ``/v1/config``, ``/v1/history``, ``/v1/clients``) with the
-header ``X-FedLLM-Client: dashboard`` and, when the server has ``--auth_tokens``, the admin token
+header ``X-FedLLM-Client: dashboard`` and, when the server has ``--auth_tokens``, the viewer (or admin) token
 the operator types in (kept in the tab's ``sessionStorage``, never displayed). Nothing is loaded
 from outside the server: the Content-Security-Policy forbids it.
 """

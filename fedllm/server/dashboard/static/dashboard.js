@@ -4,7 +4,8 @@
 
 const REFRESH_MS = 2000;
 const CLIENT_ID = "dashboard";
-const TOKEN_KEY = "fedllm-admin-token";
+const TOKEN_KEY = "fedllm-viewer-token";
+const LOOPBACK_HOSTS = new Set(["localhost", "127.0.0.1", "[::1]"]);
 const SVG_NS = "http://www.w3.org/2000/svg";
 const W = 560, H = 200, PAD = { left: 54, right: 14, top: 12, bottom: 30 };
 
@@ -284,7 +285,7 @@ async function refresh() {
     document.body.setAttribute("data-loaded", "true");
   } catch (err) {
     if (err instanceof HttpError && (err.status === 401 || err.status === 403)) {
-      showLogin(token ? "The token was refused: enter the admin token." : "");
+      showLogin(token ? "The token was refused: enter the viewer or admin token." : "");
       return;  // wait for the form
     }
     showBanner(`Cannot reach the server (${err.message}); retrying…`);
@@ -294,6 +295,8 @@ async function refresh() {
 }
 
 document.addEventListener("DOMContentLoaded", () => {
+  // Tokens must not cross a network in cleartext: say so when the page itself came over plain HTTP.
+  $("insecure").hidden = location.protocol === "https:" || LOOPBACK_HOSTS.has(location.hostname);
   $("login-form").addEventListener("submit", (event) => {
     event.preventDefault();
     token = $("token").value.trim();
