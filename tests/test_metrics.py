@@ -15,7 +15,7 @@ import requests
 from prometheus_client.parser import text_string_to_metric_families
 
 from fedllm.logs import JsonFormatter
-from fedllm.server.metrics import tensorboard_available
+from fedllm.trackers import missing_package
 
 from .test_dashboard import LiveFederation, live_server_args
 
@@ -147,7 +147,7 @@ def test_metrics_are_exact_across_gunicorn_workers(tiny_model_dir, tmp_path, sta
     assert any(r["logger"] == "gunicorn.error" for r in records)
 
     # TensorBoard: one scalar per round, or a clear message when tensorboardX is missing.
-    if tensorboard_available():
+    if missing_package("tensorboard") is None:
         scalars = read_tensorboard_scalars(state / "tensorboard")
         assert scalars["federation/train_loss"] == {1: pytest.approx(2.75), 2: pytest.approx(1.0)}
         assert scalars["federation/participants"] == {1: 2.0, 2: 2.0}
@@ -181,8 +181,10 @@ class FakeTrainer:
         self.spec = server_config["upload_tensors"]
         self.num_samples = 12
         self.quiet = args.quiet
+        self.args = args
 
-    def train_round(self, global_tensors, round_number: int, learning_rate: float, max_steps: int):
+    def train_round(self, global_tensors, round_number: int, learning_rate: float, max_steps: int,
+                    clip_norm: float | None = None, **kwargs):
         import torch
 
         from fedllm.client.trainer import RoundResult

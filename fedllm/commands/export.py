@@ -1,0 +1,84 @@
+"""``fedllm export``: export, merge and try out the adapter of any round of a federation or simulation
+(``export.py``).
+
+    fedllm export adapter  --state_dir fl-state --round 5 --output_dir adapter-r5    # a PEFT directory
+    fedllm export merge    --state_dir fl-state --output_dir merged-model            # base + adapter, merged
+    fedllm export generate --state_dir fl-state --prompt "Name a fruit."            # quick check
+    fedllm export generate --adapter adapter-r5 --prompts_file prompts.txt --max_new_tokens 64
+
+The adapter comes from --adapter DIR (a PEFT directory) or --state_dir DIR [--round N] (default: the
+latest round); generate also runs the base model alone with just --model_name_or_path. Options:
+fedllm/config.py (EvaluationArguments); docs/simulation.md.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from ..config import EvaluationArguments
+from . import EXIT_OK, EXIT_USAGE, parse_options
+
+COMMANDS = ("adapter", "merge", "generate")
+
+
+def _prompts(args: EvaluationArguments, tokenizer, template: str) -> list[str]:
+    from ..data import apply_template
+    from ..evaluation import load_examples
+
+    if args.prompt:
+        return [apply_template(template, args.prompt, tokenizer=tokenizer)]
+    if not args.prompts_file:
+        raise ValueError("generate needs --prompt TEXT or --prompts_file FILE")
+    if Path(args.prompts_file).suffix == ".txt":
+        lines = [line.strip() for line in Path(args.prompts_file).read_text().splitlines() if line.strip()]
+        return [apply_template(template, line, tokenizer=tokenizer) for line in lines]
+    examples = load_examples(args.prompts_file, tokenizer=tokenizer, template=template, dataset_format=args.dataset_format,
+                             field_map=args.field_map, max_samples=args.max_samples, seed=args.seed)
+    return [e.prompt for e in examples]
+
+
+def run(command: str, args: EvaluationArguments) -> None:
+    from ..export import export_adapter, load_adapter, merge_adapter
+
+    source = load_adapter(args.adapter, args.state_dir, args.round)
+    if command in ("adapter", "merge"):
+        if source is None:
+            raise ValueError(f"{command} needs --adapter DIR or --state_dir DIR")
+        if not args.output_dir:
+            raise ValueError(f"{command} needs --output_dir")
+        if command == "adapter":
+            path = export_adapter(source, args.output_dir)
+        else:
+            path = merge_adapter(source, args.output_dir, model_name_or_path=args.model_name_or_path,
+                                 dtype=args.merge_dtype)
+        print(f"{source.description} -> {path}")
+        return
+    from ..evaluation import Evaluator
+
+    evaluator = Evaluator.for_adapter(source, args.model_name_or_path, args.device)
+    template = args.template or (source.federation.get("template") if source else None) or "alpaca"
+    prompts = _prompts(args, evaluator.tokenizer, template)
+    outputs = evaluator.generate(prompts, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens)
+    for prompt, output in zip(prompts, outputs, strict=True):
+        print(f"### prompt\n{prompt}\n### generation\n{output}\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in ("-h", "--help"):
+        print(__doc__)
+        return EXIT_OK
+    if not argv or argv[0] not in COMMANDS:
+        print(__doc__, file=sys.stderr)
+        return EXIT_USAGE
+    (args,) = parse_options((EvaluationArguments,), argv[1:])
+    from ..data import DataFormatError
+
+    try:
+        run(argv[0], args)
+    except (DataFormatError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    return EXIT_OK
+

@@ -1,0 +1,363 @@
+"""The OpenAPI 3.1 description of REST API v1, served by ``GET /v1/openapi.json`` (no auth).
+
+It is built from what the server itself runs on, so the two cannot drift apart: each operation lists the
+error types it can raise and takes their statuses from :data:`fedllm.server.app.ERROR_STATUS` and their
+``error`` names from :mod:`fedllm.server.errors`; headers, id formats and limits come from ``app.py``; the
+federation's settings from :class:`~fedllm.config.FederationArguments`. Role-dependent views
+(:mod:`fedllm.server.views`) are in the schemas as alternatives: a client token gets ``num_sampled`` and
+``num_received`` where the viewer and admin tokens get the id lists.
+
+``tests/test_openapi.py`` checks the document against the Flask URL map, validates it (openapi-spec-validator),
+validates real responses of every role against it, and runs Schemathesis against a live gunicorn server.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import mimetypes
+import types
+import typing
+from collections.abc import Iterable
+from typing import Any
+
+from .. import package_version
+from ..config import FederationArguments
+from . import app, errors
+from .dashboard import STATIC
+from .metrics import PHASES
+
+JSON = "application/json"
+Schema = dict[str, Any]
+ErrorCause = type[errors.FederationError] | str  # an error type, or a key of NAMED_ERRORS
+
+# --- who may call what (components.securitySchemes)
+CLIENT_SECURITY = [{"bearerToken": [], "clientId": []}, {"clientId": []}]  # the second: a server without tokens
+ADMIN_SECURITY = [{"bearerToken": [], "clientId": []}]
+SCRAPER_SECURITY = [{"bearerToken": []}, {}]  # /metrics: the viewer or admin token, nothing on an open server
+PUBLIC: list[dict[str, list[str]]] = []
+
+# Errors of every request that names a client (app._identify), and of every request the server reads state for.
+IDENTIFIED = (errors.MissingHeader, errors.InvalidClientId, errors.Unauthorized, errors.Forbidden,
+              errors.ClientRemoved, errors.StorageUnavailable, "rate limited")
+# Errors raised outside the service layer, by name: the rate limit and werkzeug's (app.py), and the gunicorn
+# worker's (fedllm.server.worker), which it writes for any request before the app sees it (TRANSPORT).
+NAMED_ERRORS = {"rate limited": 429, "request entity too large": 413, "not found": 404, "bad request": 400,
+                "request timeout": 408, "length required": 411, "uri too long": 414,
+                "request header fields too large": 431}
+TRANSPORT = ("bad request", "request timeout", "length required", "uri too long", "request header fields too large")
+RETRY_AFTER = {"Retry-After": {"description": "Seconds to wait before retrying.", "schema": {"type": "integer"}}}
+
+CLIENT_ID = {"type": "string", "pattern": f"^{app.CLIENT_ID_RE.pattern}$"}
+SHA256 = {"type": "string", "pattern": f"^{app.SHA256_RE.pattern}$"}
+COUNT = {"type": "integer", "minimum": 0}
+NUMBER = {"type": "number"}
+BINARY = {"type": "string", "format": "binary"}  # a safetensors file
+GLOBAL_HEADERS = {
+    "ETag": {"description": 'the version\'s sha256, quoted: "<sha256>"', "schema": {"type": "string"}},
+    "X-FedLLM-Version": {"description": "the global version (the round it ends)", "schema": {"type": "string"}},
+}
+
+
+def _ref(name: str) -> Schema:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _nullable(schema: Schema) -> Schema:
+    return {**schema, "type": [schema["type"], "null"]}
+
+
+def _status(cause: ErrorCause) -> int:
+    return NAMED_ERRORS[cause] if isinstance(cause, str) else app.ERROR_STATUS[cause]
+
+
+def _name(cause: ErrorCause) -> str:
+    return cause if isinstance(cause, str) else cause.error
+
+
+def _error_responses(causes: Iterable[ErrorCause]) -> dict[str, Any]:
+    """One response per status, saying which ``error`` names it carries."""
+    by_status: dict[int, list[str]] = {}
+    for cause in causes:
+        names = by_status.setdefault(_status(cause), [])
+        if _name(cause) not in names:
+            names.append(_name(cause))
+    responses = {}
+    for status, names in sorted(by_status.items()):
+        response: dict[str, Any] = {"description": "`error` is " + " or ".join(f"`{n}`" for n in names),
+                                    "content": {JSON: {"schema": _ref("Error")}}}
+        if status in (429, 503):
+            response["headers"] = RETRY_AFTER
+        responses[str(status)] = response
+    return responses
+
+
+def _json(schema: Schema, description: str) -> dict[str, Any]:
+    return {"description": description, "content": {JSON: {"schema": schema}}}
+
+
+def _operation(operation_id: str, summary: str, security: list, responses: dict[str, Any],
+               causes: Iterable[ErrorCause] = (), **extra: Any) -> dict[str, Any]:
+    """An operation; its ``operationId`` is the Flask endpoint that serves it (the test matches them)."""
+    for status, response in _error_responses([*causes, *TRANSPORT]).items():
+        responses.setdefault(status, response)  # readyz's 503 keeps its own body (Health, not Error)
+    return {"operationId": operation_id, "summary": summary, "security": security, **extra,
+            "responses": dict(sorted(responses.items()))}
+
+
+def _json_type(annotation: Any) -> Schema:
+    """The JSON Schema type of a dataclass field's annotation (str, int, float, bool, or X | None)."""
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+        (inner,) = [a for a in typing.get_args(annotation) if a is not type(None)]
+        return _nullable(_json_type(inner))
+    return {"type": {str: "string", int: "integer", float: "number", bool: "boolean"}[annotation]}
+
+
+def federation_settings_schema() -> Schema:
+    """``/v1/config``'s ``federation``: every option of FederationArguments (the algorithms' included)."""
+    hints = typing.get_type_hints(FederationArguments)
+    properties = {}
+    for f in dataclasses.fields(FederationArguments):
+        schema = _json_type(hints[f.name])
+        if f.metadata.get("help"):
+            schema["description"] = f.metadata["help"]
+        if f.metadata.get("choices"):
+            schema["enum"] = list(f.metadata["choices"])
+        properties[f.name] = schema
+    properties["seed"] = {**_nullable(properties["seed"]),
+                          "description": "The sampling seed; null for a client token (views.config_view)."}
+    return {"type": "object", "properties": properties, "required": [f.name for f in dataclasses.fields(
+        FederationArguments)]}
+
+
+def _schemas() -> dict[str, Schema]:
+    client_id, sha256, count, number = CLIENT_ID, SHA256, COUNT, NUMBER
+    phase = {"type": "string", "enum": list(PHASES)}
+    tensor_shapes = {"type": "object", "additionalProperties": {"type": "array", "items": count},
+                     "description": "tensor name -> shape"}
+    return {
+        "Error": {"type": "object", "required": ["error", "detail"],
+                  "properties": {"error": {"type": "string", "description": "a short, stable name"},
+                                 "detail": {"type": "string", "description": "what went wrong, what to do"}}},
+        "Health": {"type": "object", "required": ["status"], "properties": {
+            "status": {"type": "string", "enum": ["ok", "degraded"]},
+            "reason": {"type": ["string", "null"], "description": "why rounds cannot progress"},
+            "failures": {**count, "description": "consecutive failed background ticks"}}},
+        "RoundStatus": {
+            "type": "object",
+            "required": ["round", "num_rounds", "phase", "fed_alg", "task", "global_version", "global_sha256",
+                         "deadline", "deadline_extensions", "clients_joined", "num_clients", "paused"],
+            "properties": {
+                "round": {**count, "description": "the current round; 0 before the first"},
+                "num_rounds": count, "phase": phase, "fed_alg": {"type": "string"}, "task": {"type": "string"},
+                "global_version": count, "global_sha256": sha256,
+                "sampled": {"type": "array", "items": client_id, "description": "viewer and admin tokens"},
+                "received": {"type": "array", "items": client_id, "description": "viewer and admin tokens"},
+                "num_sampled": {**count, "description": "a client token: how many are sampled, not who"},
+                "num_received": {**count, "description": "a client token"},
+                "deadline": {"type": ["number", "null"], "description": "Unix seconds; null: no deadline"},
+                "deadline_extensions": count, "clients_joined": count, "num_clients": count,
+                "paused": {"type": "boolean"},
+                "selected": {"type": "boolean", "description": "the calling client is to train now"},
+                "submitted": {"type": "boolean", "description": "the calling client's update is in"},
+                "joined": {"type": "boolean", "description": "the calling client has joined"},
+            },
+            "anyOf": [{"required": ["sampled", "received"]}, {"required": ["num_sampled", "num_received"]}],
+        },
+        "Config": {
+            "type": "object",
+            "required": ["federation", "federation_id", "model_fingerprint", "lora_config", "adapter",
+                         "upload_tensors", "max_upload_bytes", "round_config"],
+            "properties": {
+                "federation": _ref("FederationSettings"),
+                "federation_id": {"type": "string"},
+                "model_fingerprint": sha256,
+                "lora_config": {"type": "object", "description": "the PEFT LoraConfig, as adapter_config.json"},
+                "adapter": tensor_shapes,
+                "upload_tensors": {**tensor_shapes, "description": "tensor name -> shape of an update's body"},
+                "max_upload_bytes": count,
+                "round_config": {"type": "object", "required": ["round", "learning_rate", "max_steps"],
+                                 "properties": {"round": count, "learning_rate": number, "max_steps": count}},
+            },
+        },
+        "FederationSettings": federation_settings_schema(),
+        "JoinRequest": {"type": "object", "required": ["num_samples"], "properties": {
+            "num_samples": {"type": "integer", "minimum": 1, "maximum": app.MAX_NUM_SAMPLES}}},
+        "Joined": {"type": "object", "required": ["client_id", "clients_joined", "num_clients"],
+                   "properties": {"client_id": client_id, "clients_joined": count, "num_clients": count}},
+        "UpdateAccepted": {"type": "object", "required": ["accepted", "duplicate", "round", "sha256"], "properties": {
+            "accepted": {"type": "boolean"},
+            "duplicate": {"type": "boolean", "description": "an identical retry, counted once"},
+            "round": count, "sha256": sha256}},
+        "HistoryRecord": {
+            "type": "object",
+            "required": ["round", "num_samples", "train_loss", "eval_loss", "seconds", "bytes_received",
+                         "global_sha256", "metrics"],
+            "properties": {
+                "round": count,
+                "participants": {"type": "array", "items": client_id, "description": "viewer and admin tokens"},
+                "sampled": {"type": "array", "items": client_id, "description": "viewer and admin tokens"},
+                "num_participants": {**count, "description": "a client token"},
+                "num_sampled": {**count, "description": "a client token"},
+                "num_samples": count, "train_loss": _nullable(number), "eval_loss": _nullable(number),
+                "seconds": number, "aggregation_seconds": number, "bytes_received": count, "global_version": count,
+                "global_sha256": sha256,
+                "metrics": {"type": "object", "additionalProperties": {"type": "object",
+                                                                        "additionalProperties": number},
+                            "description": "client id -> its reported metrics; a client token: its own only"},
+            },
+            "anyOf": [{"required": ["participants"]}, {"required": ["num_participants"]}],
+        },
+        "Clients": {"type": "object", "required": ["time", "round", "phase", "clients"], "properties": {
+            "time": {**number, "description": "the server's clock, Unix seconds"},
+            "round": count, "phase": phase,
+            "clients": {"type": "array", "description": "a client token: its own row only", "items": {
+                "type": "object",
+                "required": ["client_id", "state", "sampled", "num_samples", "joined_at", "last_seen"],
+                "properties": {
+                    "client_id": client_id,
+                    "state": {"type": "string",
+                              "enum": ["waiting", "idle", "training", "submitted", "late", "finished"]},
+                    "sampled": {"type": "boolean"}, "num_samples": count, "joined_at": number,
+                    "last_seen": number, "submitted_at": _nullable(number), "rounds_joined": count,
+                    "last_train_loss": _nullable(number)}}}}},
+        "RemoveClientRequest": {"type": "object", "required": ["client_id"], "properties": {"client_id": client_id}},
+        "Event": {"type": "object", "required": ["time", "actor", "action", "detail"], "properties": {
+            "time": number, "actor": {"type": "string"},
+            "action": {"type": "string", "description": "pause, resume, abort_round, remove_client, rejoin, "
+                                                        "settings_changed, finished_early, ..."},
+            "detail": {"type": "object"}}},
+    }
+
+
+def _paths() -> dict[str, Any]:
+    health = _json(_ref("Health"), "`ok`, or `degraded` with the reason while background progress keeps failing")
+    status = _json(_ref("RoundStatus"), "the round's status after the action (the full view)")
+    admin = (*IDENTIFIED, errors.AdminOnly)
+    json_limit = ("request entity too large",)  # a JSON body over app.MAX_JSON_BYTES (werkzeug's 413)
+    round_link = {"GetRound": {"operationId": "get_round", "description": "where the federation is now"}}
+    static_files = {p.name: mimetypes.guess_type(p.name)[0] for p in STATIC.iterdir() if p.is_file()}
+    return {
+        "/healthz": {"get": _operation("healthz", "Liveness (no auth)", PUBLIC, {"200": health})},
+        "/readyz": {"get": _operation("readyz", "Readiness (no auth): 503 while the federation cannot progress",
+                                      PUBLIC, {"200": health, "503": health})},
+        "/": {"get": _operation("dashboard.index", "The live dashboard page (no data, no auth)", PUBLIC, {
+            "200": {"description": "HTML", "content": {"text/html": {"schema": {"type": "string"}}}}})},
+        "/dashboard/static/{filename}": {"get": _operation(
+            "dashboard.static", "The dashboard's files: its page, script and stylesheet (no auth)", PUBLIC,
+            {"200": {"description": "the file", "content": {
+                media_type: {"schema": {"type": "string"}} for media_type in sorted(set(static_files.values()))}}},
+            ["not found"],
+            parameters=[{"name": "filename", "in": "path", "required": True,
+                         "schema": {"type": "string", "enum": sorted(static_files)}}])},
+        "/v1/openapi.json": {"get": _operation("openapi_json", "This document (no auth)", PUBLIC, {
+            "200": _json({"type": "object"}, "OpenAPI 3.1")})},
+        "/v1/round": {"get": _operation(
+            "get_round", "Round status; for the calling client also selected, submitted, joined", CLIENT_SECURITY,
+            {"200": {**_json(_ref("RoundStatus"), "the round's status"), "links": {"PostUpdate": {
+                "operationId": "post_update", "parameters": {"round": "$response.body#/round"},
+                "description": "upload an update for the current round"}}}}, IDENTIFIED)},
+        "/v1/config": {"get": _operation(
+            "get_config", "The federation's shared settings, adapter tensors and this round's training settings",
+            CLIENT_SECURITY, {"200": _json(_ref("Config"), "the settings every client trains with")}, IDENTIFIED)},
+        "/v1/join": {"post": _operation(
+            "join", "Announce the calling client and its number of training examples", CLIENT_SECURITY,
+            {"200": {**_json(_ref("Joined"), "joined (again: the new num_samples is audited)"),
+                     "links": round_link}},
+            [*IDENTIFIED, errors.BadJson, errors.InvalidNumSamples, errors.FederationFull, *json_limit],
+            requestBody={"required": True, "content": {JSON: {"schema": _ref("JoinRequest")}}})},
+        "/v1/global": {"get": _operation(
+            "get_global", "The current global adapter, a safetensors file", CLIENT_SECURITY, {
+                "200": {"description": "the global adapter", "headers": GLOBAL_HEADERS,
+                        "content": {"application/octet-stream": {"schema": BINARY}},
+                        "links": {"NotModified": {"operationId": "get_global",
+                                                  "parameters": {"header.If-None-Match": "$response.header.ETag"},
+                                                  "description": "the same version again: 304"}}},
+                "304": {"description": "If-None-Match names the current version", "headers": GLOBAL_HEADERS}},
+            IDENTIFIED,
+            parameters=[{"name": "If-None-Match", "in": "header", "required": False, "schema": {"type": "string"},
+                         "description": "the ETag of the version the client holds"}])},
+        "/v1/update": {"post": _operation(
+            "post_update", "Upload the calling client's update (its LoRA delta, local - global) for round R",
+            CLIENT_SECURITY, {"202": _json(_ref("UpdateAccepted"), "accepted, or an identical retry")},
+            [*IDENTIFIED, errors.InvalidRound, errors.InvalidHeader, errors.MalformedUpdate, errors.ChecksumMismatch,
+             errors.TruncatedBody, errors.NotJoined, errors.NoOpenRound, errors.WrongRound, errors.NotSampled,
+             errors.RoundClosed, errors.AlreadySubmitted, errors.UploadTooLarge, errors.InvalidUpdate,
+             errors.TooManySamples],
+            parameters=[
+                {"name": "round", "in": "query", "required": True, "description": "the round the update is for",
+                 "schema": {"type": "integer", "minimum": 0, "maximum": app.MAX_NUM_SAMPLES}},
+                {"name": "X-FedLLM-Num-Samples", "in": "header", "required": True,
+                 "description": "training examples behind the update (at most the number joined with)",
+                 "schema": {"type": "integer", "minimum": 1, "maximum": app.MAX_NUM_SAMPLES}},
+                {"name": "X-Content-SHA256", "in": "header", "required": False,
+                 "description": "the body's sha256, verified", "schema": SHA256}],
+            requestBody={"required": True, "description": "a safetensors file: the tensors of /v1/config's "
+                                                          "upload_tensors; metrics (train_loss, steps, ...) in its "
+                                                          "metadata",
+                         "content": {"application/octet-stream": {"schema": BINARY}}})},
+        "/v1/history": {"get": _operation(
+            "get_history", "One record per aggregated round", CLIENT_SECURITY,
+            {"200": _json({"type": "array", "items": _ref("HistoryRecord")}, "oldest first")}, IDENTIFIED)},
+        "/v1/clients": {"get": _operation(
+            "get_clients", "Every known client and its state in the current round", CLIENT_SECURITY,
+            {"200": {**_json(_ref("Clients"), "the clients"), "links": {"RemoveClient": {
+                "operationId": "admin_remove_client",
+                "requestBody": {"client_id": "$response.body#/clients/0/client_id"},
+                "description": "remove a listed client (admin token)"}}}}, IDENTIFIED)},
+        "/metrics": {"get": _operation(
+            "metrics", "Prometheus text format, summed over every worker (viewer or admin token)", SCRAPER_SECURITY,
+            {"200": {"description": "the exposition", "content": {"text/plain": {"schema": {"type": "string"}}}}},
+            [errors.Unauthorized, errors.Forbidden, errors.StorageUnavailable, "rate limited"])},
+        "/v1/admin/pause": {"post": _operation(
+            "admin_pause", "Stop the round clock: no new training, no closing or aggregating (admin)", ADMIN_SECURITY,
+            {"200": status}, admin)},
+        "/v1/admin/resume": {"post": _operation(
+            "admin_resume", "Restart the round clock; the deadline moves by the paused time (admin)", ADMIN_SECURITY,
+            {"200": status}, admin)},
+        "/v1/admin/abort_round": {"post": _operation(
+            "admin_abort_round", "Discard the current round's updates and re-sample it (admin)", ADMIN_SECURITY,
+            {"200": status}, [*admin, errors.NoRoundToAbort])},
+        "/v1/admin/remove_client": {"post": _operation(
+            "admin_remove_client", "Remove a client: it can no longer join or push; it leaves the open round (admin)",
+            ADMIN_SECURITY, {"200": status}, [*admin, errors.BadJson, errors.UnknownClient, *json_limit],
+            requestBody={"required": True, "content": {JSON: {"schema": _ref("RemoveClientRequest")}}})},
+        "/v1/admin/events": {"get": _operation(
+            "admin_events", "The audit log, newest first (admin)", ADMIN_SECURITY,
+            {"200": _json({"type": "array", "items": _ref("Event")}, "the latest 1000 events")}, admin)},
+    }
+
+
+SECURITY_SCHEMES = {
+    "bearerToken": {
+        "type": "http", "scheme": "bearer",
+        "description": "A token from `fedllm server add-client|add-viewer|add-admin`, on a server started with "
+                       "--auth_tokens: a client's token acts as that client only; the viewer token reads everything; "
+                       "the admin token reads everything and runs /v1/admin/*. Neither joins nor pushes. A server "
+                       "without --auth_tokens (open mode) needs none.",
+    },
+    "clientId": {
+        "type": "apiKey", "in": "header", "name": app.CLIENT_HEADER,
+        "description": f"The calling client's id, on every request but the public ones and /metrics: "
+                       f"{app.CLIENT_ID_RE.pattern} (1-64 letters, digits, '.', '_', '-'). A client token must "
+                       "name its own client; the dashboard sends `dashboard`.",
+    },
+}
+DESCRIPTION = """Federated LoRA fine-tuning over HTTP: clients join, poll the round, download the global adapter, \
+train locally and upload their delta; the server aggregates each round.
+
+Every error is JSON `{"error": ..., "detail": ...}`; a refused request changed nothing. Besides the statuses \
+listed per operation, an unknown path is answered 404 and an unknown method 405 (with `Allow`)."""
+
+
+@functools.cache
+def openapi_document() -> dict[str, Any]:
+    """The OpenAPI 3.1 document of REST API v1 (built once per process)."""
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "fedllm REST API", "version": package_version(), "description": DESCRIPTION,
+                 "license": {"name": "Apache-2.0", "identifier": "Apache-2.0"}},
+        "security": CLIENT_SECURITY,
+        "paths": _paths(),
+        "components": {"schemas": _schemas(), "securitySchemes": SECURITY_SCHEMES},
+    }
