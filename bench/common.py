@@ -177,6 +177,7 @@ ServerProcess = LocalServer
 def server_args(model_dir: Path, state_dir: Path, size: AdapterSize, **overrides: Any) -> list[str]:
     """Command-line options of ``run_server.sh`` for a federation over ``size``'s adapter."""
     options: dict[str, Any] = {
+        "rate_limit": 0,  # hundreds of simulated clients share 127.0.0.1, the open server's rate-limit key
         "model_name_or_path": model_dir,
         "state_dir": state_dir,
         "target_modules": size.target_modules,

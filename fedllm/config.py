@@ -12,6 +12,7 @@ Parsed with ``transformers.HfArgumentParser`` from flags or from a YAML/JSON fil
   - :data:`AlgorithmArguments`: every algorithm's hyperparameters (``--prox_mu``, ``--fedopt_tau`` ...),
     each defined, documented and range-checked by its algorithm's dataclass
     (``fedllm/algorithms/*_config.py``). Those of ``--fed_alg`` are identity too; only they are validated.
+  - :class:`~fedllm.privacy.config.PrivacyArguments`: differential privacy (``--dp`` ...), identity too.
   - :class:`FederationOperationalArguments`: how the federation is run (rounds, deadlines), which an
     operator may change when restarting it. :func:`federation_changes` tells the two kinds of change apart.
 
@@ -37,6 +38,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from .algorithms import BUILTIN_CONFIGS, AlgorithmConfig, algorithm_config_class, range_problem
+from .privacy.config import PrivacyArguments
+from .trackers import REPORT_TO_CHOICES
 
 FEDERATION_ARGUMENT_NAMES: tuple[str, ...]  # filled in below the class
 
@@ -174,7 +177,8 @@ class FederationOperationalArguments:
 
 # A dataclass takes its bases' fields last base first: identity, the hyperparameters, then the operational ones.
 @dataclass
-class FederationArguments(FederationOperationalArguments, AlgorithmArguments, FederationIdentityArguments):
+class FederationArguments(FederationOperationalArguments, PrivacyArguments, AlgorithmArguments,
+                          FederationIdentityArguments):
     """Shared by the whole federation; owned by the server and served to clients.
 
     One flat set of options in three groups (identity, the algorithms' hyperparameters, operational), as
@@ -219,6 +223,7 @@ class FederationArguments(FederationOperationalArguments, AlgorithmArguments, Fe
             self.algorithm_hyperparameters().validate(self)
         except ValueError as exc:  # also an unknown --fed_alg
             problems.append(str(exc))
+        problems += self.privacy_problems()
         if problems:
             raise ValueError("; ".join(problems))
 
@@ -250,6 +255,7 @@ def federation_changes(stored: Mapping[str, Any], new: FederationArguments) -> t
     old = {f.name: stored.get(f.name, _default(f)) for f in dataclasses.fields(FederationArguments)}
     changed = {name: (value, getattr(new, name)) for name, value in old.items() if value != getattr(new, name)}
     identity = {f.name for f in dataclasses.fields(FederationIdentityArguments)}
+    identity.update(f.name for f in dataclasses.fields(PrivacyArguments))
     for fed_alg in {old["fed_alg"], new.fed_alg}:
         identity.update(f.name for f in dataclasses.fields(algorithm_config_class(fed_alg)))
     return ({k: v for k, v in changed.items() if k in identity},
@@ -317,9 +323,17 @@ class ServerArguments:
     )
     report_to: str = field(
         default="none",
-        metadata={"help": "Also write per-round scalars (train/eval loss, participants, bytes, seconds) to "
-                          "STATE_DIR/tensorboard: 'tensorboard' (needs pip install 'fedllm[tensorboard]'), or none.",
-                  "choices": ["none", "tensorboard"]},
+        metadata={"help": "Also send each aggregated round's record (train/eval loss, participants, samples, bytes, "
+                          "seconds) to a tracker, from the worker that aggregated it: tensorboard, mlflow (a local "
+                          "file store) or wandb (offline), each needing its extra (pip install 'fedllm[mlflow]'); "
+                          "without it the server says so and runs without. See --report_dir.",
+                  "choices": list(REPORT_TO_CHOICES)},
+    )
+    report_dir: str | None = field(
+        default=None,
+        metadata={"help": "Where --report_to writes (default: --state_dir): REPORT_DIR/tensorboard, the MLflow file "
+                          "store REPORT_DIR/mlflow (or $MLFLOW_TRACKING_URI), the W&B offline runs REPORT_DIR/wandb "
+                          "(or W&B online with WANDB_MODE=online)."},
     )
     use_gunicorn: bool = field(
         default=False, metadata={"help": "Serve with gunicorn (run_server.sh sets this); otherwise Flask's development server."}
@@ -383,6 +397,17 @@ class ClientArguments:
         default=1.0, metadata={"help": "Highest local learning rate the client takes from the server."}
     )
     max_lora_rank: int = field(default=1024, metadata={"help": "Highest LoRA rank r the client takes from the server."})
+    dp_sgd: bool = field(
+        default=False,
+        metadata={"help": "Sample-level DP-SGD in local training: per-example gradients of the LoRA parameters "
+                          "clipped to --dp_sgd_clip_norm and noised (fedllm/privacy/dp_sgd.py); the client accounts "
+                          "its own (ε, δ) over all its steps and reports it. SFT only, gradient accumulation 1."},
+    )
+    dp_sgd_noise_multiplier: float = field(default=1.0, metadata={"help": "DP-SGD: σ (noise std = σ·C per step)."})
+    dp_sgd_clip_norm: float = field(default=1.0, metadata={"help": "DP-SGD: per-example gradient L2 norm C."})
+    dp_sgd_delta: float | None = field(
+        default=None, metadata={"help": "DP-SGD: δ of the client's guarantee (default 1 / n^1.1, n its examples)."}
+    )
     quiet: bool = field(default=False, metadata={"help": "No progress bars (also off when stderr is not a terminal)."})
     log_format: str = field(
         default="text",
@@ -459,6 +484,41 @@ class SimulationArguments:
     client_seed: int = field(
         default=ClientArguments.seed,
         metadata={"help": "Local seed of every simulated client (client_http.py's --seed: data sample, data order, dropout)."},
+    )
+    report_to: str = field(
+        default="none",
+        metadata={"help": "Also send each round's record to a tracker: tensorboard, mlflow (a local file store) or "
+                          "wandb (offline), one run per federation (--mode local: one per client); refused when its "
+                          "extra is not installed (pip install 'fedllm[mlflow]'). See --report_dir.",
+                  "choices": list(REPORT_TO_CHOICES)},
+    )
+    report_dir: str | None = field(
+        default=None,
+        metadata={"help": "Where --report_to writes (default: --output_dir): REPORT_DIR/tensorboard/<run>, the MLflow "
+                          "file store REPORT_DIR/mlflow (or $MLFLOW_TRACKING_URI), the W&B offline runs "
+                          "REPORT_DIR/wandb (or W&B online with WANDB_MODE=online)."},
+    )
+    backend: str = field(
+        default="inprocess",
+        metadata={"help": "Where the sampled clients of a round train: inprocess (one after another, one base model) "
+                          "or ray (in parallel on Ray actors, one base model each; pip install -c constraints.txt "
+                          "-e '.[ray]'). Same results, same run folder (docs/scaling.md).",
+                  "choices": ["inprocess", "ray"]},
+    )
+    ray_address: str | None = field(
+        default=None,
+        metadata={"help": "--backend ray: the Ray cluster to join ('auto', or HOST:PORT of its head); default: start "
+                          "a local one on 127.0.0.1 for this run."},
+    )
+    num_cpus_per_client: int | None = field(
+        default=None,
+        metadata={"help": "CPU threads each client trains with (torch.set_num_threads), and with --backend ray the CPUs "
+                          "each Ray actor reserves. Default: in-process torch's own (one per core), ray 1. Give both "
+                          "backends the same value for bit-identical results on CPU."},
+    )
+    num_gpus_per_client: float = field(
+        default=0.0,
+        metadata={"help": "--backend ray: GPUs each Ray actor reserves (0.5: two clients share a GPU)."},
     )
 
 

@@ -25,17 +25,23 @@ federation per client, which is local training, ``--max_steps`` per round) and `
 clients' data pooled in one trainer, ``--max_steps × --sample_clients`` steps per round: the compute
 of one federated round). ``local`` and ``central`` write the same state layout, under
 ``OUTPUT_DIR/local/<client>/state`` and ``OUTPUT_DIR/state``.
+
+``--report_to tensorboard|mlflow|wandb`` sends each round's record to a tracker (:mod:`fedllm.trackers`,
+the server's trackers), one run per federation: ``global``, ``central``, or each client in ``local``.
 """
 
 from __future__ import annotations
 
+import abc
+import contextlib
 import dataclasses
 import functools
+import importlib.util
 import io
 import json
 import logging
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -48,6 +54,7 @@ from .server.app import ERROR_STATUS
 from .server.errors import FederationError
 from .server.federation import Federation
 from .server.store import Store
+from .trackers import Run, Tracker, missing_package, open_tracker
 from .wire import decode_file
 
 log = logging.getLogger("fedllm.simulation")
@@ -56,7 +63,8 @@ log = logging.getLogger("fedllm.simulation")
 CLIENT_FILE_RE = re.compile(r"^(?:local_training|client)_(\d+)\.(?:json|jsonl|parquet|csv)$")
 CENTRAL_ID = "central"
 # Settings that may change when a run is resumed (they do not change what is computed).
-RESUMABLE_CHANGES = frozenset({"resume", "quiet", "device", "log_format", "output_dir"})
+RESUMABLE_CHANGES = frozenset({"resume", "quiet", "device", "log_format", "output_dir", "report_to", "report_dir",
+                               "backend", "ray_address", "num_cpus_per_client", "num_gpus_per_client"})
 
 
 @dataclass
@@ -109,63 +117,117 @@ def client_sources(
     return {f"client_{i}": str(p) for i, p in enumerate(paths)}
 
 
-class SimulatedClients:
-    """N clients sharing one :class:`LocalTrainer` (one base model in memory).
+class ClientPool(abc.ABC):
+    """Where the simulated clients of a round train: in this process, one after another (:class:`SimulatedClients`),
+    or in parallel on Ray actors (:class:`fedllm.ray_backend.RayClients`).
 
-    Each client keeps its own data -- training examples and, with ``--local_eval_fraction``, its held-out
-    examples, both tokenised by TRL on the client's first round and then reused --, its sample count and
-    its state folder (:class:`~fedllm.client.state.ClientState`). :meth:`play` points the trainer at one
-    client, runs the trainer's own ``train_round`` and hands the update over as an HTTP client does.
+    Either way this process, the one holding the federation, hands every update over and commits the
+    client's hook state once the update is accepted (:mod:`fedllm.client.state`), as an HTTP client does.
     """
 
-    def __init__(self, trainer: LocalTrainer, clients_dir: Path):
-        self.trainer = trainer
-        self.clients_dir = clients_dir
-        self.datasets: dict[str, tuple[Any, Any]] = {}  # client id -> (train, held-out or None)
+    clients_dir: Path
 
-    @classmethod
-    def load(cls, server_config: Mapping[str, Any], client_args: ClientArguments, sources: Mapping[str, str],
-             clients_dir: Path) -> SimulatedClients:
-        """Load the base model once (with the first client's data) and every client's data."""
-        first, *_ = sources
-        trainer = LocalTrainer(server_config, dataclasses.replace(client_args, dataset_name=sources[first]),
-                               state_dir=clients_dir / first)
-        pool = cls(trainer, clients_dir)
-        pool.datasets[first] = (trainer.train_dataset, trainer.eval_dataset)
-        for client_id, source in sources.items():
-            if client_id not in pool.datasets:
-                pool.datasets[client_id] = trainer.load_datasets(source)
-        return pool
-
+    @abc.abstractmethod
     def num_samples(self, client_id: str) -> int:
-        return len(self.datasets[client_id][0])
+        """The examples ``client_id`` joins with."""
 
-    def client_state(self, client_id: str, federation: Federation) -> ClientState:
-        """``client_id``'s state folder, bound to ``federation`` (refused if it holds another federation's state)."""
-        return ClientState(self.clients_dir / client_id, FederationBinding.of(federation.client_config()))
+    @abc.abstractmethod
+    def play_round(self, federation: Federation, client_ids: Sequence[str], global_tensors: Mapping[str, Any],
+                   round_number: int, learning_rate: float, max_steps: int, clip_norm: float | None = None) -> None:
+        """Train the round of every client of ``client_ids`` from ``global_tensors``; hand each update to ``federation``."""
 
-    def use_client(self, client_id: str, federation: Federation) -> None:
-        """Point the shared trainer at ``client_id``: its dataset, sample count and state folder."""
-        self.trainer.use_client(*self.datasets[client_id], self.client_state(client_id, federation))
+    def client_state(self, client_id: str, federation: Federation | FederationBinding) -> ClientState:
+        """``client_id``'s state folder, bound to ``federation`` (refused if it holds another federation's state);
+        a Ray worker, which holds no federation, passes its binding."""
+        binding = federation if isinstance(federation, FederationBinding) else FederationBinding.of(
+            federation.client_config())
+        return ClientState(self.clients_dir / client_id, binding)
 
-    def play(self, client_id: str, federation: Federation, global_tensors: Mapping[str, Any], round_number: int,
-             learning_rate: float, max_steps: int) -> None:
-        """Train ``client_id``'s round and hand the update to ``federation``; its hook state commits on acceptance."""
-        self.use_client(client_id, federation)
-        result = self.trainer.train_round(global_tensors, round_number, learning_rate, max_steps)
-        self.datasets[client_id] = (self.trainer.train_dataset, self.trainer.eval_dataset)  # tokenised: reused
-        state = self.trainer.client_state
-        pending = state.write_pending(round_number, result.encode(federation.config.wire_dtype),
-                                      self.num_samples(client_id), result.state)
+    def deliver(self, federation: Federation, client_id: str, pending: PendingUpdate) -> None:
+        """Hand ``client_id``'s pending update to ``federation``; its hook state commits on acceptance."""
+        state = self.client_state(client_id, federation)
         state.deliver(pending, functools.partial(_hand_over, federation, client_id))
 
     def resend_pending(self, federation: Federation, client_ids: Sequence[str]) -> None:
         """After a crash: re-send every update trained but not seen accepted (accepted: its state commits)."""
         for client_id in client_ids:
-            state = self.client_state(client_id, federation)
-            pending = state.pending()
+            pending = self.client_state(client_id, federation).pending()
             if pending is not None:
-                state.deliver(pending, functools.partial(_hand_over, federation, client_id))
+                self.deliver(federation, client_id, pending)
+
+
+class _DatasetsOnDemand(dict):
+    """Client id -> (train, held-out or None), each client's loaded by the trainer the first time it is asked for."""
+
+    def __init__(self, trainer: LocalTrainer, sources: Mapping[str, str]):
+        super().__init__()
+        self.trainer = trainer
+        self.sources = sources
+
+    def __missing__(self, client_id: str) -> tuple[Any, Any]:
+        self[client_id] = self.trainer.load_datasets(self.sources[client_id])
+        return self[client_id]
+
+
+class SimulatedClients(ClientPool):
+    """N clients sharing one :class:`LocalTrainer` (one base model in memory).
+
+    Each client keeps its own data -- training examples and, with ``--local_eval_fraction``, its held-out
+    examples, loaded on first use (the joins load every client's), tokenised by TRL on the client's first
+    round and then reused --, its sample count and its state folder (:class:`~fedllm.client.state.ClientState`).
+    :meth:`train` points the trainer at one client, runs the trainer's own ``train_round`` and keeps the update
+    pending as an HTTP client does before uploading it. A Ray worker holds one of these too.
+    """
+
+    def __init__(self, trainer: LocalTrainer, clients_dir: Path, sources: Mapping[str, str]):
+        self.trainer = trainer
+        self.clients_dir = clients_dir
+        self.datasets: dict[str, tuple[Any, Any]] = _DatasetsOnDemand(trainer, sources)
+
+    @classmethod
+    def load(cls, server_config: Mapping[str, Any], client_args: ClientArguments, sources: Mapping[str, str],
+             clients_dir: Path, *, state_dir: Path | None = None) -> SimulatedClients:
+        """Load the base model once, with the first client's data (the others' on first use).
+
+        ``state_dir``: the trainer's state folder until it is pointed at a client (default: the first client's).
+        """
+        first, *_ = sources
+        trainer = LocalTrainer(server_config, dataclasses.replace(client_args, dataset_name=sources[first]),
+                               state_dir=state_dir or clients_dir / first)
+        pool = cls(trainer, clients_dir, sources)
+        pool.datasets[first] = (trainer.train_dataset, trainer.eval_dataset)
+        return pool
+
+    def num_samples(self, client_id: str) -> int:
+        return len(self.datasets[client_id][0])
+
+    def use_client(self, client_id: str, federation: Federation | FederationBinding) -> None:
+        """Point the shared trainer at ``client_id``: its dataset, sample count and state folder."""
+        self.trainer.use_client(*self.datasets[client_id], self.client_state(client_id, federation))
+
+    def train(self, client_id: str, federation: Federation | FederationBinding, global_tensors: Mapping[str, Any],
+              round_number: int, learning_rate: float, max_steps: int, clip_norm: float | None = None
+              ) -> PendingUpdate:
+        """Train ``client_id``'s round; the update is kept pending with the hook state it leaves.
+
+        A round already kept is not trained again: a Ray worker killed after keeping it is retried.
+        """
+        self.use_client(client_id, federation)
+        state = self.trainer.client_state
+        kept = state.pending()
+        if kept is not None and kept.round == round_number:
+            return kept
+        result = self.trainer.train_round(global_tensors, round_number, learning_rate, max_steps, clip_norm)
+        self.datasets[client_id] = (self.trainer.train_dataset, self.trainer.eval_dataset)  # tokenised: reused
+        return state.write_pending(round_number, result.encode(self.trainer.federation.wire_dtype),
+                                   self.num_samples(client_id), result.state)
+
+    def play_round(self, federation: Federation, client_ids: Sequence[str], global_tensors: Mapping[str, Any],
+                   round_number: int, learning_rate: float, max_steps: int, clip_norm: float | None = None) -> None:
+        for client_id in client_ids:
+            pending = self.train(client_id, federation, global_tensors, round_number, learning_rate, max_steps,
+                                 clip_norm)
+            self.deliver(federation, client_id, pending)
 
 
 def open_federation(config: FederationArguments, state_dir: Path) -> Federation:
@@ -198,9 +260,10 @@ def _receive(federation: Federation, client_id: str, round_number: int, num_samp
 RoundCallback = Callable[[str, dict[str, Any]], None]
 
 
-def run_federation(federation: Federation, clients: SimulatedClients, client_ids: Sequence[str], *, name: str,
+def run_federation(federation: Federation, clients: ClientPool, client_ids: Sequence[str], *, name: str,
                    history_file: Path, on_round: RoundCallback | None = None) -> list[dict[str, Any]]:
-    """Drive ``federation`` to its end: every round, train the sampled clients in turn, submit, aggregate."""
+    """Drive ``federation`` to its end: every round, train the sampled clients (in turn, or in parallel on Ray),
+    submit, aggregate."""
     for client_id in client_ids:
         federation.join(client_id, clients.num_samples(client_id))  # a rejoin on resume changes nothing
     clients.resend_pending(federation, client_ids)
@@ -220,14 +283,25 @@ def run_federation(federation: Federation, clients: SimulatedClients, client_ids
         round_number = status["round"]
         global_tensors = decode_file(federation.latest_global().path)
         round_config = federation.round_training_config(round_number)
-        for client_id in status["sampled"]:
-            if client_id in status["received"]:
-                continue  # accepted before a restart
-            clients.play(client_id, federation, global_tensors, round_number, round_config["learning_rate"],
-                         round_config["max_steps"])
+        to_train = [c for c in status["sampled"] if c not in status["received"]]  # the others: accepted before a restart
+        clients.play_round(federation, to_train, global_tensors, round_number, round_config["learning_rate"],
+                           round_config["max_steps"], round_config.get("dp_clip_norm"))
         if not federation.tick():
             raise RuntimeError(f"round {round_number} did not aggregate; state in {federation.store.root}")
         finished_round()
+
+
+def _tracked(on_round: RoundCallback | None, tracker: Tracker | None) -> RoundCallback | None:
+    """``on_round``, and each round's record to ``tracker`` first."""
+    if tracker is None:
+        return on_round
+
+    def both(name: str, record: dict[str, Any]) -> None:
+        tracker.log_round(record)
+        if on_round is not None:
+            on_round(name, record)
+
+    return both
 
 
 def print_round(name: str, record: Mapping[str, Any]) -> None:
@@ -258,6 +332,42 @@ def _check_resumable(output_dir: Path, settings: dict[str, Any], resume: bool) -
                              "Use the same settings to resume, or a new --output_dir.")
 
 
+def _check_backend(sim: SimulationArguments) -> None:
+    """Refuse backend options that do not fit together, before anything is written."""
+    if sim.backend not in ("inprocess", "ray"):
+        raise ValueError(f"unknown --backend {sim.backend!r}; choose inprocess or ray")
+    if sim.num_cpus_per_client is not None and sim.num_cpus_per_client < 1:
+        raise ValueError(f"--num_cpus_per_client must be at least 1, got {sim.num_cpus_per_client}")
+    if sim.backend == "inprocess":
+        ray_only = [f"--{name}" for name, default in (("ray_address", None), ("num_gpus_per_client", 0.0))
+                    if getattr(sim, name) != default]
+        if ray_only:
+            raise ValueError(f"{', '.join(ray_only)} apply to --backend ray only")
+        return
+    if sim.mode != "federated":
+        raise ValueError(f"--backend ray trains the sampled clients of a federated round in parallel; --mode "
+                         f"{sim.mode} trains one client per round: use --backend inprocess")
+    if sim.num_gpus_per_client < 0:
+        raise ValueError(f"--num_gpus_per_client must be >= 0, got {sim.num_gpus_per_client}")
+    if importlib.util.find_spec("ray") is None:
+        raise ValueError("--backend ray needs Ray: pip install -c constraints.txt -e '.[ray]'")
+
+
+@contextlib.contextmanager
+def _torch_threads(threads: int | None) -> Iterator[None]:
+    """Train with ``threads`` intra-op threads (None: torch's own), as a Ray worker of ``--num_cpus_per_client`` does:
+    a reduction's result can depend on how many threads share it. Restored afterwards."""
+    import torch
+
+    before = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def run_simulation(
     federation: FederationArguments,
     client: Any,
@@ -272,6 +382,9 @@ def run_simulation(
     settings = {"federation": dataclasses.asdict(federation), "client": client_settings,
                 "simulation": dataclasses.asdict(sim)}
     federation.validate()
+    if sim.report_to != "none" and (problem := missing_package(sim.report_to)):
+        raise ValueError(problem)
+    _check_backend(sim)
     _check_resumable(output_dir, settings, sim.resume)
     client_settings.update(seed=sim.client_seed, output_dir=str(output_dir), model_name_or_path=None)
     client_args = ClientArguments(**client_settings)
@@ -291,13 +404,21 @@ def run_simulation(
         raise ValueError(f"unknown --mode {sim.mode!r}; choose federated, local or central")
 
     federations: dict[str, Federation] = {}
-    try:
+    with contextlib.ExitStack() as stack:
         for name, (cfg, run_dir, _) in runs.items():
             federations[name] = open_federation(cfg, run_dir / "state")
+            stack.callback(federations[name].store.close)
         # Written once the settings proved valid, so a mistyped first attempt does not pin them.
         atomic_write_bytes(output_dir / "simulation.json", json.dumps(settings, indent=1, sort_keys=True).encode())
         first = next(iter(federations.values()))
-        clients = SimulatedClients.load(first.client_config(), client_args, sources, output_dir / "clients")
+        if sim.backend == "ray":
+            from .ray_backend import RayClients
+
+            clients = stack.enter_context(RayClients.start(first.client_config(), client_args, sources,
+                                                           output_dir / "clients", sim))
+        else:
+            stack.enter_context(_torch_threads(sim.num_cpus_per_client))
+            clients = SimulatedClients.load(first.client_config(), client_args, sources, output_dir / "clients")
         if sim.mode == "central":
             import datasets
 
@@ -305,13 +426,19 @@ def run_simulation(
             clients.datasets[CENTRAL_ID] = (datasets.concatenate_datasets(list(train)),
                                             None if held_out[0] is None else datasets.concatenate_datasets(list(held_out)))
         result = SimulationResult(sim.mode, output_dir, {}, {})
-        for name, (_, run_dir, ids) in runs.items():
+        for name, (cfg, run_dir, ids) in runs.items():
             fed = federations[name]
             label = name if sim.mode == "local" else ""
-            result.history[name] = run_federation(fed, clients, ids, name=label, history_file=run_dir / "history.json",
-                                                  on_round=on_round)
+            tracker = None
+            if sim.report_to != "none":
+                run = Run(key=fed.federation_id, name=name, config={**dataclasses.asdict(cfg), "mode": sim.mode})
+                tracker = open_tracker(sim.report_to, sim.report_dir or output_dir, run)
+            try:
+                result.history[name] = run_federation(fed, clients, ids, name=label,
+                                                      history_file=run_dir / "history.json",
+                                                      on_round=_tracked(on_round, tracker))
+            finally:
+                if tracker is not None:
+                    tracker.close()
             result.adapters[name] = fed.output_dir / "final"
         return result
-    finally:
-        for fed in federations.values():
-            fed.store.close()

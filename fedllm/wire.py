@@ -66,6 +66,8 @@ KNOWN_METRICS = frozenset({
     "train_loss", "final_loss", "steps", "seconds", "eval_loss", "eval_samples",
     "reward_accuracy", "reward_margin", "final_reward_accuracy", "final_reward_margin",
     "eval_reward_accuracy", "eval_reward_margin",
+    "dp_unclipped",  # --dp client: the delta was within the clip norm before clipping (adaptive clipping's bit)
+    "dp_sgd_epsilon", "dp_sgd_delta",  # --dp_sgd: the client's own (ε, δ) so far
 })
 USER_METRIC_PREFIX = "user_"
 MAX_USER_METRICS = 16

@@ -23,7 +23,7 @@ from fedllm.tiny import build_tiny_llama
 ROOT = Path(__file__).resolve().parents[1]
 # Programs that serve, train or drive a federation: starting one makes a test an integration test.
 FEDLLM_PROGRAMS = frozenset({"run_server.sh", "run_client.sh", "server_http.py", "client_http.py", "simulate.py",
-                             "demo.sh", "gunicorn"})
+                             "demo.sh", "gunicorn", "fedllm"})
 SHARED_DATASETS = ROOT.parent / "shared" / "datasets"
 
 

@@ -20,12 +20,13 @@ from fedllm.config import (
     federation_changes,
     parse_args,
 )
+from fedllm.privacy.config import PrivacyArguments
 
 ROOT = Path(__file__).resolve().parents[1]
 
 # GET /v1/config's "federation" and the state DB hold these keys (and clients build FederationArguments from
 # them): the options and defaults before the hyperparameters moved to the algorithms' dataclasses, plus
-# max_control_norm (added later: a state dir without it reads as its default).
+# max_control_norm and the privacy options (added later: a state dir without them reads as their defaults).
 SERVED_DEFAULTS = {
     "model_name_or_path": None, "task": "sft", "template": "alpaca", "seq_length": 512, "peft_lora_r": 8,
     "peft_lora_alpha": 16, "peft_lora_dropout": 0.05, "target_modules": None, "fed_alg": "fedavg", "num_clients": 2,
@@ -35,6 +36,10 @@ SERVED_DEFAULTS = {
     "fedopt_tau": 0.001, "fedopt_beta1": 0.9, "fedopt_beta2": 0.99, "trim_ratio": 0.1, "krum_malicious": 1,
     "krum_keep": 1, "max_update_norm": 0.0, "dpo_beta": 0.1, "dpo_reference": "global", "save_model_freq": 10,
     "max_control_norm": 1e6,
+    # differential privacy (fedllm/privacy/config.py), off by default
+    "dp": "off", "dp_clip_norm": "1.0", "dp_noise_multiplier": 1.0, "dp_delta": None, "dp_target_epsilon": None,
+    "dp_target_quantile": 0.5, "dp_clip_learning_rate": 0.2, "dp_initial_clip_norm": 0.1,
+    "dp_clipped_count_stddev": None, "client_sampling": "uniform",
 }
 
 
@@ -232,9 +237,11 @@ def test_options_an_older_state_dir_lacks_had_their_defaults():
 
 def test_every_option_is_identity_or_operational():
     identity = {f.name for f in dataclasses.fields(FederationIdentityArguments)}
+    identity |= {f.name for f in dataclasses.fields(PrivacyArguments)}  # privacy changes what is computed
     hyperparameters = {f.name for config in BUILTIN_CONFIGS.values() for f in dataclasses.fields(config)}
     assert identity | hyperparameters | OPERATIONAL_OPTIONS == set(SERVED_DEFAULTS)
     assert not identity & OPERATIONAL_OPTIONS and not hyperparameters & (identity | OPERATIONAL_OPTIONS)
+    assert federation_changes(stored(federation()), federation(dp="server")) == ({"dp": ("off", "server")}, {})
 
 
 # ---------------------------------------------------------------- parsing and the served dict
@@ -285,13 +292,15 @@ def test_config_py_prints_every_option_grouped_without_importing_torch():
     assert done.returncode == 0, done.stderr
     sections = re.split(r"^== ", done.stdout, flags=re.M)[1:]
     assert [s.split(" (")[0] for s in sections] == [
-        "Federation identity", "Federation, operational", "Algorithm hyperparameters", "Server", "Client",
+        "Federation identity", "Federation, operational", "Algorithm hyperparameters", "Differential privacy",
+        "Server", "Client",
         "Simulation", "Evaluation"]
     option = re.compile(r" +--(\w+) [A-Z]+$")  # an option's line: --name TYPE (help text follows, indented)
     options = {s.split(" (")[0]: {m[1] for m in map(option.match, s.splitlines()) if m} for s in sections}
     assert options["Federation identity"] == {f.name for f in dataclasses.fields(FederationIdentityArguments)}
     assert options["Federation, operational"] == OPERATIONAL_OPTIONS
     assert options["Server"] == {f.name for f in dataclasses.fields(ServerArguments)}
+    assert options["Differential privacy"] == {f.name for f in dataclasses.fields(PrivacyArguments)}
     # Each algorithm's hyperparameters under its name; FedYogi and FedAdam share FedOpt's, plus the β's.
     by_names: dict[str, list[str]] = {}
     for line in sections[2].splitlines():

@@ -26,6 +26,9 @@ def server_args(model_dir, state_dir, **overrides) -> list[str]:
         "model_name_or_path": str(model_dir), "state_dir": str(state_dir), "num_clients": 3, "sample_clients": 2,
         "num_rounds": 3, "max_steps": 4, "learning_rate": 0.05, "peft_lora_r": 4, "peft_lora_alpha": 8,
         "seq_length": 128, "workers": 2, "threads": 4, "seed": 7,
+        # Every client of these federations polls from 127.0.0.1, and an open server's rate limit is per peer
+        # address: off here (tests/reliability/test_auth_limits.py tests the limit itself).
+        "rate_limit": 0,
     }
     settings.update(overrides)
     return [arg for key, value in settings.items() for arg in (f"--{key}", str(value))]

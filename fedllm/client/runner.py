@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import logging
 import random
 import sys
@@ -25,11 +26,13 @@ from safetensors import SafetensorError
 
 from ..adapter import save_peft_adapter
 from ..config import ClientArguments
+from ..privacy.dp_sgd import LEDGER_FILE, DPSGDLedger
 from ..wire import WireError, decode_file, parse_header
+from .distributed import ProcessGroup, RoundOrder, join_process_group
 from .http import FederationClient, ServerError
 from .state import ClientState, FederationBinding, PendingUpdate
-from .trainer import LocalTrainer
-from .trust import check_round_config, check_round_status, check_server_config, download_limit
+from .trainer import LocalTrainer, resolve_device
+from .trust import check_clip_norm, check_round_config, check_round_status, check_server_config, download_limit
 
 log = logging.getLogger("fedllm.client")
 
@@ -55,6 +58,10 @@ class ClientReport:
     final_adapter: Path | None = None
     num_rounds: int = 0  # the federation's
     seconds: float = 0.0  # wall time of the whole run
+    dp_epsilon: float | None = None  # --dp: the federation's client-level ε at the end (at dp_delta)
+    dp_delta: float | None = None
+    dp_sgd_epsilon: float | None = None  # --dp_sgd: this client's own sample-level ε (at dp_sgd_delta)
+    dp_sgd_delta: float | None = None
 
     @property
     def steps(self) -> int:
@@ -74,7 +81,7 @@ def show_progress(args: ClientArguments) -> bool:
     return not args.quiet and getattr(args, "log_format", "text") != "json" and sys.stderr.isatty()
 
 
-def _quiet_libraries() -> None:
+def quiet_libraries() -> None:
     """No progress bars from datasets (map/filter) and transformers (downloads) either."""
     import datasets
     from transformers.utils import logging as hf_logging
@@ -152,12 +159,21 @@ def wait_for_server(client: FederationClient, poller: Poller, timeout: float) ->
 
 
 def run_client(args: ClientArguments) -> ClientReport:
+    """Take part in the federation until it finishes; with several processes (torchrun, accelerate launch) rank 0
+    does so and the others are its replicas (:mod:`fedllm.client.distributed`). The client's report, on every rank."""
     if not args.client_id:
         raise ValueError("--client_id is required")
+    group = join_process_group(resolve_device(args.device))
+    if group is not None:
+        if args.dp_sgd:
+            raise ValueError(f"--dp_sgd noises each step in one process; train it on one process, not "
+                             f"{group.world_size}")
+        if not group.is_main:
+            return run_replica(args, group)
     started = time.time()
     args = dataclasses.replace(args, quiet=not show_progress(args))  # the trainer's progress bar follows too
     if args.quiet:
-        _quiet_libraries()
+        quiet_libraries()
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     client = FederationClient(args.server_url, args.client_id, token=args.resolved_token(), ca_bundle=args.ca_bundle,
@@ -169,6 +185,8 @@ def run_client(args: ClientArguments) -> ClientReport:
     federation = server_config["federation"]
     # Refuses another federation's state files before the model is loaded.
     state = ClientState(output_dir, FederationBinding.of(server_config))
+    if group is not None:
+        group.share(server_config)
     # The client's own copy, when it names one, is the model; the server's name is then only a label.
     served_model = federation["model_name_or_path"]
     if args.model_name_or_path:
@@ -201,32 +219,56 @@ def run_client(args: ClientArguments) -> ClientReport:
         if status["phase"] == "finished":
             report.final_adapter = _save_final(client, server_config, output_dir)
             report.seconds = time.time() - started
+            _report_privacy(report, status, state)
             log.info("federation finished after %d rounds; final adapter in %s", status["round"], report.final_adapter,
                      extra={"event": "federation_finished", "rounds": status["round"],
                             "final_adapter": str(report.final_adapter)})
+            if group is not None:
+                group.share(report)  # the replicas' last message
             return report
         if status["selected"] and not status["submitted"]:
-            summary = _play_round(client, trainer, state, server_config, status["round"], output_dir)
+            summary = _play_round(client, trainer, state, server_config, status["round"], output_dir, group)
             if summary is not None:
                 report.rounds.append(summary)
             continue
         poller.wait()
 
 
+def run_replica(args: ClientArguments, group: ProcessGroup) -> ClientReport:
+    """A rank > 0 of a multi-process client: train every round rank 0 trains, from what rank 0 sends; rank 0's
+    report at the end. It never talks to the server and keeps no state: its trainer's folder is never written."""
+    quiet_libraries()
+    args = dataclasses.replace(args, quiet=True)
+    server_config = group.share()
+    trainer = LocalTrainer(server_config, args, state_dir=Path(args.output_dir) / f".replica-{group.rank}")
+    while isinstance(order := group.share(), RoundOrder):
+        tensors = group.share_tensors()
+        hook_state = group.share_tensors()
+        trainer.train_round(tensors, order.round, order.learning_rate, order.max_steps, order.clip_norm,
+                            hook_state=hook_state)
+    return order
+
+
 def _play_round(client: FederationClient, trainer: LocalTrainer, state: ClientState, server_config: dict[str, Any],
-                round_number: int, output_dir: Path) -> RoundSummary | None:
+                round_number: int, output_dir: Path, group: ProcessGroup | None = None) -> RoundSummary | None:
     started = time.time()
     down0, up0 = client.bytes_down, client.bytes_up
     global_path, version, _sha = client.download_global(output_dir / "cache", download_limit(server_config))
     if version != round_number - 1:
         return None  # the round moved on while we looked; poll again
     tensors = load_global(global_path, server_config)
-    learning_rate, max_steps = check_round_config(client.config(), trainer.args)
+    served = client.config()
+    learning_rate, max_steps = check_round_config(served, trainer.args)
+    clip_norm = check_clip_norm(served)
     log.info("round %d of %d: selected; training %d steps at learning rate %.3g on global v%d",
              round_number, server_config["federation"]["num_rounds"], max_steps, learning_rate, version,
              extra={"event": "round_training", "round": round_number, "max_steps": max_steps,
                     "learning_rate": learning_rate, "global_version": version})
-    result = trainer.train_round(tensors, round_number, learning_rate, max_steps)
+    if group is not None:  # the replicas train the same round alongside
+        group.share(RoundOrder(round_number, learning_rate, max_steps, clip_norm))
+        group.share_tensors(tensors)
+        group.share_tensors(state.committed())
+    result = trainer.train_round(tensors, round_number, learning_rate, max_steps, clip_norm)
     body = result.encode(server_config["federation"]["wire_dtype"])
     # num_samples after training: the examples TRL kept, which FedAvg weighs (also when re-sent after a restart).
     pending = state.write_pending(round_number, body, trainer.num_samples, result.state)
@@ -271,6 +313,22 @@ def _summarise(client: FederationClient, round_number: int, metrics: dict[str, f
              summary.steps, summary.seconds, _kib(summary.bytes_down), _kib(summary.bytes_up),
              extra={"event": "round_done", **dataclasses.asdict(summary)})
     return summary
+
+
+def _report_privacy(report: ClientReport, status: dict[str, Any], state: Any) -> None:
+    """The (ε, δ) the federation spent (--dp) and this client's own DP-SGD ledger (--dp_sgd), for the summary."""
+    dp = status.get("dp") if isinstance(status.get("dp"), dict) else None
+    if dp is not None:
+        report.dp_epsilon, report.dp_delta = dp.get("epsilon"), dp.get("delta")
+    ledger = state.folder / LEDGER_FILE
+    if ledger.exists():
+        stored = json.loads(ledger.read_text())
+        report.dp_sgd_epsilon = DPSGDLedger(**stored).epsilon()
+        report.dp_sgd_delta = stored["delta"]
+    for what, eps, delta in (("federation (client-level DP-FedAvg)", report.dp_epsilon, report.dp_delta),
+                             ("this client (sample-level DP-SGD)", report.dp_sgd_epsilon, report.dp_sgd_delta)):
+        if delta is not None:
+            log.info("privacy spent by the %s: ε = %s at δ = %.3g", what, "n/a" if eps is None else f"{eps:.3f}", delta)
 
 
 def _save_final(client: FederationClient, server_config: dict[str, Any], output_dir: Path) -> Path:

@@ -13,6 +13,7 @@ trainer and config (:meth:`LocalTrainer._new_trainer`) and in which logged value
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -33,6 +34,8 @@ from ..adapter import (
 from ..algorithms import ClientHook, get_algorithm
 from ..algorithms.base import Tensors
 from ..config import ClientArguments, FederationArguments
+from ..privacy.dp_fedavg import UNCLIPPED_METRIC, clip_delta
+from ..privacy.dp_sgd import DPSGDLedger, default_delta, dp_sgd_trainer
 from ..wire import encode, metrics_metadata
 from .state import ClientState, FederationBinding
 
@@ -129,6 +132,7 @@ class LocalTrainer:
     def __init__(self, server_config: Mapping[str, Any], args: ClientArguments, *, state_dir: Path | None = None):
         self.federation = FederationArguments(**server_config["federation"])
         self.args = args
+        _check_dp_sgd(args, self.federation)
         # Refuses another federation's state before anything is loaded.
         self.client_state = ClientState(state_dir or Path(args.output_dir), FederationBinding.of(server_config))
         model_path = args.model_name_or_path or self.federation.model_name_or_path
@@ -241,6 +245,8 @@ class LocalTrainer:
             disable_tqdm=self.args.quiet,
             dataloader_num_workers=0,
         )
+        if self.args.dp_sgd:
+            settings["max_grad_norm"] = 0.0  # DP-SGD clips per example; no clipping of the noised batch gradient
         if self.federation.task == "dpo":
             trainer_cls, config = DPOTrainer, DPOConfig(**settings, beta=self.federation.dpo_beta)
         else:
@@ -248,7 +254,12 @@ class LocalTrainer:
         # Given a PeftModel, DPOTrainer's constructor adds a 'ref' copy of the adapter (and refuses to if
         # one exists); the reference is set per round by train_round instead, so drop it on both sides.
         self._set_reference(None)
-        trainer = _trainer_with_hook(trainer_cls, self.hook, self.params)(
+        if self.args.dp_sgd:
+            trainer_cls = dp_sgd_trainer(trainer_cls, self.hook, self.params, self.args.dp_sgd_clip_norm,
+                                         self.args.dp_sgd_noise_multiplier)
+        else:
+            trainer_cls = _trainer_with_hook(trainer_cls, self.hook, self.params)
+        trainer = trainer_cls(
             model=self.model,
             args=config,
             train_dataset=self.train_dataset,
@@ -281,7 +292,13 @@ class LocalTrainer:
             set_adapter_tensors(self.model, adapter, adapter_name=REFERENCE_ADAPTER)
 
     def train_round(self, global_tensors: Mapping[str, torch.Tensor], round_number: int, learning_rate: float,
-                    max_steps: int) -> RoundResult:
+                    max_steps: int, clip_norm: float | None = None, *, hook_state: Tensors | None = None
+                    ) -> RoundResult:
+        """One round from ``global_tensors``; with ``clip_norm`` (``--dp client``) the delta is clipped to that
+        L2 norm before it leaves, and ``dp_unclipped`` reports whether it was within it (for adaptive clipping).
+
+        The algorithm hook starts from ``hook_state``, by default this client's committed state; a replica of a
+        multi-process client (:mod:`fedllm.client.distributed`) is handed rank 0's."""
         started = time.time()
         set_adapter_tensors(self.model, global_tensors)
         trainer = self._new_trainer(round_number, learning_rate, max_steps)
@@ -290,14 +307,30 @@ class LocalTrainer:
             self._set_reference(global_tensors)
         before = get_adapter_tensors(self.model)  # after the trainer is built: QLoRA casts the adapter to bf16
         # Every round starts from the committed state, never from a round whose upload was not accepted.
-        self.hook.load_state_dict(self.client_state.committed())
+        self.hook.load_state_dict(self.client_state.committed() if hook_state is None else hook_state)
         self.hook.begin_round(self.params, global_tensors)
         trainer.train()
         after = get_adapter_tensors(self.model)
         tensors = {k: after[k] - before[k] for k in after}
+        if self.args.dp_sgd:
+            metrics.update(self._account_dp_sgd(trainer.state.global_step))
+        if clip_norm is not None:
+            tensors, within = clip_delta(tensors, list(after), clip_norm)
+            metrics[UNCLIPPED_METRIC] = float(within)
         tensors.update(self.hook.end_round(self.params, trainer.state.global_step, learning_rate))
         metrics.update(self._train_metrics(trainer.state.log_history, trainer.state.global_step, started))
         return RoundResult(tensors, metrics, self.hook.state_dict())
+
+    def _account_dp_sgd(self, steps: int) -> dict[str, float]:
+        """Add this round's DP-SGD steps to the client's ledger; the (ε, δ) spent so far, as metrics."""
+        delta = self.args.dp_sgd_delta or default_delta(self.num_samples)
+        ledger = DPSGDLedger.open(self.client_state.folder, self.num_samples, self.args.batch_size,
+                                  self.args.dp_sgd_noise_multiplier, delta)
+        ledger.add(self.client_state.folder, steps)
+        epsilon = ledger.epsilon()
+        log.info("DP-SGD: %d steps so far, (ε, δ) = (%s, %.3g)", ledger.steps,
+                 "n/a (σ = 0)" if epsilon is None else f"{epsilon:.3f}", delta)
+        return {"dp_sgd_delta": delta, **({"dp_sgd_epsilon": epsilon} if epsilon is not None else {})}
 
     def _evaluate(self, trainer: Trainer) -> dict[str, float]:
         """The global adapter's loss on the held-out data, before training; for DPO against the base model.
@@ -319,6 +352,24 @@ class LocalTrainer:
                 metrics["train_loss" if name == "loss" else name] = sum(values) / len(values)
                 metrics[f"final_{name}"] = values[-1]
         return metrics
+
+
+def _check_dp_sgd(args: ClientArguments, federation: FederationArguments) -> None:
+    if not args.dp_sgd:
+        return
+    problems = []
+    if federation.task != "sft":
+        problems.append("--dp_sgd trains SFT only (its per-example gradients are taken over SFT examples)")
+    if args.gradient_accumulation_steps != 1:
+        problems.append("--dp_sgd needs --gradient_accumulation_steps 1 (the noise is added once per step)")
+    if not args.dp_sgd_clip_norm > 0 or not math.isfinite(args.dp_sgd_clip_norm):
+        problems.append(f"--dp_sgd_clip_norm must be a finite number > 0, got {args.dp_sgd_clip_norm}")
+    if not args.dp_sgd_noise_multiplier >= 0 or not math.isfinite(args.dp_sgd_noise_multiplier):
+        problems.append(f"--dp_sgd_noise_multiplier must be >= 0, got {args.dp_sgd_noise_multiplier}")
+    if args.dp_sgd_delta is not None and not 0 < args.dp_sgd_delta < 1:
+        problems.append(f"--dp_sgd_delta must be in (0, 1), got {args.dp_sgd_delta}")
+    if problems:
+        raise ValueError("; ".join(problems))
 
 
 def _hold_out(dataset: Dataset, fraction: float, seed: int) -> tuple[Dataset, Dataset | None]:

@@ -181,3 +181,14 @@ def download_limit(config: Any) -> int:
     tensors = _check_spec(config["upload_tensors"], "upload_tensors")
     header = HEADER_BASE_BYTES + sum(len(name.encode()) + HEADER_BYTES_PER_TENSOR for name in tensors)
     return header + sum(math.prod(shape) for shape in tensors.values()) * MAX_ELEMENT_BYTES
+
+
+def check_clip_norm(config: Any) -> float | None:
+    """``--dp client``: the round's clip norm the delta must keep to (a finite number > 0), else None."""
+    federation = config.get("federation", {}) if isinstance(config, dict) else {}
+    if federation.get("dp") != "client":
+        return None
+    clip = config.get("round_config", {}).get("dp_clip_norm")
+    if isinstance(clip, bool) or not isinstance(clip, (int, float)) or not math.isfinite(clip) or clip <= 0:
+        raise UntrustedServerError(f"the server asks to clip deltas to {clip!r}: not a finite number > 0")
+    return float(clip)

@@ -14,7 +14,7 @@ import time
 
 from flask import Flask, Response, g, jsonify, request, send_file
 from flask.json.provider import DefaultJSONProvider
-from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
 from . import errors, metrics, views
 from .auth import ADMIN, CLIENT, VIEWER, Identity, TokenRegistry
@@ -34,7 +34,7 @@ SHA256_RE = re.compile(r"[0-9a-fA-F]{64}")
 UINT_RE = re.compile(r"[0-9]{1,15}")
 MAX_NUM_SAMPLES = 10**15 - 1
 MAX_JSON_BYTES = 64 * 1024  # every JSON body of the API is a few hundred bytes
-UNAUTHENTICATED_PATHS = frozenset({"/healthz", "/readyz"})
+UNAUTHENTICATED_PATHS = frozenset({"/healthz", "/readyz", "/v1/openapi.json"})
 STORAGE_RETRY_AFTER = "30"
 
 # The one mapping from what went wrong to the HTTP status that says it.
@@ -129,7 +129,7 @@ def create_app(
     start_ticker: bool = True,
     rate_limiter: RateLimiter | None = None,
 ) -> Flask:
-    app = Flask("fedllm")
+    app = Flask("fedllm", static_folder=None)  # no /static route: the dashboard's blueprint serves its files
     app.json = StrictJSONProvider(app)
     progress = BackgroundProgress(federation, start=start_ticker)
     metrics.install(app, federation, progress)  # first, so its request timer runs before any other before_request
@@ -144,7 +144,10 @@ def create_app(
 
     @app.errorhandler(HTTPException)
     def _http_error(exc: HTTPException):
-        return jsonify({"error": exc.name.lower(), "detail": exc.description or ""}), exc.code
+        response = jsonify({"error": exc.name.lower(), "detail": exc.description or ""})
+        if isinstance(exc, MethodNotAllowed) and exc.valid_methods:
+            response.headers["Allow"] = ", ".join(exc.valid_methods)  # a 405 must say what is allowed
+        return response, exc.code
 
     @app.errorhandler(Exception)
     def _unexpected(exc: Exception):
@@ -179,6 +182,8 @@ def create_app(
 
     @app.before_request
     def _identify():
+        if request.routing_exception is not None:  # an unknown path or method: its 404/405 serves nothing
+            return None
         if request.path in UNAUTHENTICATED_PATHS or request.endpoint in PUBLIC_ENDPOINTS:
             return None
         identity = _authenticate() if tokens is not None else None
@@ -215,6 +220,13 @@ def create_app(
         """Liveness: 200 while the process answers; ``degraded`` with the reason while rounds cannot progress."""
         return jsonify(health(federation.store, progress))
 
+    from .openapi import openapi_document  # it reads this module's tables, so it is imported once they exist
+
+    @app.get("/v1/openapi.json")
+    def openapi_json():
+        """The OpenAPI 3.1 document of this API (fedllm.server.openapi)."""
+        return jsonify(openapi_document())
+
     @app.get("/readyz")
     def readyz():
         """Readiness: 503 while the federation cannot progress (background ticks failing, storage unreadable)."""
@@ -248,6 +260,8 @@ def create_app(
         if not isinstance(body, dict):
             raise errors.BadJson('expected a JSON object such as {"num_samples": 100}')
         num_samples = body.get("num_samples")
+        if type(num_samples) is float and num_samples.is_integer():  # JSON's 100.0 is the integer 100
+            num_samples = int(num_samples)
         if type(num_samples) is not int or not 1 <= num_samples <= MAX_NUM_SAMPLES:
             raise errors.InvalidNumSamples(f"num_samples must be an integer from 1 to {MAX_NUM_SAMPLES}")
         return jsonify(federation.join(g.client_id, num_samples))

@@ -26,12 +26,13 @@ from typing import Any
 import torch
 
 from ..adapter import adapter_spec, build_lora_config, initial_adapter, load_model_config, model_fingerprint
-from ..algorithms import get_algorithm
+from ..algorithms import FedAlgorithm, get_algorithm
 from ..config import FederationArguments, federation_changes
 from ..wire import DTYPE_CODE, WIRE_DTYPES
 from .admin import OperatorActions
 from .errors import ClientRemoved, FederationFull
 from .ingest import UploadIngestor
+from .rounds import PRIVACY_KEY as ROUNDS_PRIVACY_KEY
 from .rounds import RoundEngine
 from .store import GlobalRow, Store
 from .versions import GlobalVersions, write_version
@@ -40,6 +41,35 @@ log = logging.getLogger("fedllm.server")
 
 SEEN_INTERVAL = 15.0  # seconds between last_seen writes for a polling client
 RESTART_ACTOR = "operator@restart"
+
+
+def build_algorithm(config: FederationArguments) -> FedAlgorithm:
+    """``--fed_alg``'s algorithm; with ``--dp`` wrapped in client-level DP-FedAvg (fedllm.privacy)."""
+    algorithm = get_algorithm(config.fed_alg, config)
+    if config.dp_enabled:
+        from ..privacy.dp_fedavg import DPFedAvg
+
+        algorithm = DPFedAvg(algorithm, config)
+    return algorithm
+
+
+def _privacy_budget(store: Store, db: sqlite3.Connection, config: FederationArguments) -> None:
+    """How many rounds ``--dp_target_epsilon`` allows, computed once at start; refused when it allows none."""
+    if not config.dp_enabled:
+        return
+    from ..privacy.accountant import accountant_for
+
+    accountant = accountant_for(config)
+    allowed = accountant.rounds_allowed(config.dp_target_epsilon, config.num_rounds)
+    if config.dp_target_epsilon is not None and allowed == 0:
+        raise ValueError(f"--dp_target_epsilon {config.dp_target_epsilon:g} is exhausted before the first round: one "
+                         f"round costs ε = {accountant.epsilon(1)} at δ = {accountant.delta:g} with "
+                         f"--dp_noise_multiplier {config.dp_noise_multiplier:g}; raise σ or the budget")
+    spent = store.get_meta(db, ROUNDS_PRIVACY_KEY, {})
+    clip = config.dp_initial_clip_norm if config.adaptive_clipping else config.fixed_clip_norm()
+    store.set_meta(db, ROUNDS_PRIVACY_KEY, {"epsilon": 0.0, "clip_norm": clip, **spent, "rounds_allowed": allowed})
+    log.info("differential privacy: --dp %s, σ %g, δ %g: %d rounds allowed (ε after them: %s)", config.dp,
+             config.dp_noise_multiplier, accountant.delta, allowed, accountant.epsilon(allowed))
 
 
 class Federation:
@@ -56,7 +86,7 @@ class Federation:
         self.spec: dict[str, tuple[int, ...]] = {k: tuple(v) for k, v in store.get_meta(db, "spec").items()}
         self.fingerprint: str = store.get_meta(db, "fingerprint")
         self.lora_config_dict: dict[str, Any] = store.get_meta(db, "lora_config")
-        self.algorithm = get_algorithm(self.config.fed_alg, self.config)
+        self.algorithm = build_algorithm(self.config)
         self.upload_spec = dict(self.spec)
         for extra, like in self.algorithm.upload_extras(self.spec).items():
             self.upload_spec[extra] = self.spec[like]
@@ -69,7 +99,8 @@ class Federation:
         self.rounds = RoundEngine(store, self.config, self.algorithm, self.versions,
                                   carries_client_state=set(self.upload_spec) != set(self.spec))
         self.uploads = UploadIngestor(store, self.rounds, self.upload_spec, self.config.wire_dtype,
-                                      self.max_upload_bytes, self.config.max_control_norm)
+                                      self.max_upload_bytes, self.config.max_control_norm,
+                                      clip_norm=self.rounds.current_clip_norm)
         self.operator = OperatorActions(store, self.rounds)
         self._last_seen: dict[str, float] = {}
 
@@ -95,6 +126,7 @@ class Federation:
                     Federation._apply_restart_settings(store, db, stored, config)
                     if store.get_meta(db, "federation_id") is None:  # a state_dir from before federation ids
                         store.set_meta(db, "federation_id", uuid.uuid4().hex)
+                    _privacy_budget(store, db, config)
                     return config
             Federation._create(config, store)
             return config
@@ -143,7 +175,7 @@ class Federation:
         )
         spec = adapter_spec(model_config, lora)
         adapter = initial_adapter(spec, config.seed)
-        algorithm = get_algorithm(config.fed_alg, config)
+        algorithm = build_algorithm(config)
         state = algorithm.init_state(adapter)
         lora_dict = lora.to_dict()
         lora_dict["target_modules"] = sorted(lora_dict["target_modules"]) if lora_dict.get("target_modules") else None
@@ -158,6 +190,7 @@ class Federation:
             store.set_meta(db, "spec", {k: list(v) for k, v in spec.items()})
             store.set_meta(db, "fingerprint", model_fingerprint(model_config))
             store.set_meta(db, "lora_config", lora_dict)
+            _privacy_budget(store, db, config)
             store.insert_global(db, row)
         log.info("initialised federation in %s: %d adapter tensors, %s", store.root, len(spec), config.fed_alg)
 

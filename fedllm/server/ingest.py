@@ -47,13 +47,15 @@ class UploadIngestor:
     """Receives the updates of one federation."""
 
     def __init__(self, store: Store, rounds: RoundEngine, upload_spec: dict[str, tuple[int, ...]], wire_dtype: str,
-                 max_upload_bytes: int, max_control_norm: float = 0.0):
+                 max_upload_bytes: int, max_control_norm: float = 0.0,
+                 clip_norm: Callable[[], float | None] | None = None):
         self.store = store
         self.rounds = rounds
         self.upload_spec = upload_spec
         self.wire_dtype = wire_dtype
         self.max_upload_bytes = max_upload_bytes
         self.max_control_norm = max_control_norm
+        self.clip_norm = clip_norm or (lambda: None)  # --dp client: the norm every delta must keep to
 
     def receive(self, client_id: str, round_number: int, num_samples: int, read: Callable[[int], bytes],
                 content_length: int | None, claimed_sha256: str | None) -> dict[str, Any]:
@@ -86,6 +88,7 @@ class UploadIngestor:
             except WireError as exc:
                 raise (InvalidUpdate if exc.status == 422 else MalformedUpdate)(str(exc)) from None
             self._check_control_norm(incoming)
+            self._check_clip_norm(incoming)
             final = self.store.update_dir(round_number) / f"{client_id}.{digest[:16]}.safetensors"
             with storage_errors():
                 if not final.parent.exists():
@@ -125,13 +128,25 @@ class UploadIngestor:
         return any(r.client_id == client_id and r.round == round_number and r.sha256 == digest
                    for r in self.store.carried(self.store.read()))
 
+    def _check_clip_norm(self, path: Path) -> None:
+        """--dp client: a delta over the round's clip norm is refused (the DP guarantee rests on it)."""
+        clip = self.clip_norm()
+        if clip is None:
+            return
+        names = [n for n in self.upload_spec if not n.startswith(CONTROL_PREFIX)]
+        norm = _l2_norm(path, names)
+        # The wire dtype rounds each value: allow its relative precision (bfloat16 keeps 8 bits).
+        tolerance = 1e-2 if self.wire_dtype == "bfloat16" else 1e-3 if self.wire_dtype == "float16" else 1e-5
+        if norm > clip * (1 + tolerance):
+            raise InvalidUpdate(f"the delta's L2 norm {norm:.6g} is over this round's --dp_clip_norm {clip:.6g}; "
+                                "--dp client: clip the delta before uploading")
+
     def _check_control_norm(self, path: Path) -> None:
         """SCAFFOLD's Δc_i: bounded in L2 norm over all control tensors, so one upload cannot swing the server's c."""
         names = [n for n in self.upload_spec if n.startswith(CONTROL_PREFIX)]
         if not names or self.max_control_norm <= 0:
             return
-        with TensorFile(path) as f, torch_threads(1):
-            norm = math.sqrt(sum(float(torch.linalg.vector_norm(f.get(n).to(torch.float32))) ** 2 for n in names))
+        norm = _l2_norm(path, names)
         if norm > self.max_control_norm:
             raise InvalidUpdate(f"the control update's L2 norm {norm:.4g} is over --max_control_norm "
                                 f"{self.max_control_norm:g}")
@@ -162,3 +177,9 @@ class UploadIngestor:
         if content_length is not None and size != content_length:
             raise TruncatedBody(f"received {size} of {content_length} bytes")
         return digest.hexdigest(), size
+
+
+def _l2_norm(path: Path, names: list[str]) -> float:
+    """‖·‖₂ over the named tensors of a safetensors file together, read one tensor at a time."""
+    with TensorFile(path) as f, torch_threads(1):
+        return math.sqrt(sum(float(torch.linalg.vector_norm(f.get(n).to(torch.float32))) ** 2 for n in names))

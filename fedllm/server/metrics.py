@@ -1,4 +1,4 @@
-"""Prometheus metrics (``GET /metrics``) and optional per-round TensorBoard scalars.
+"""Prometheus metrics (``GET /metrics``), and each aggregated round sent to a tracker (``--report_to``).
 
 Under gunicorn every worker is a process with its own counters, so the server runs
 ``prometheus_client`` in multiprocess mode: :func:`prepare_multiprocess_dir` points
@@ -22,11 +22,12 @@ What is measured:
 * read from the store at scrape time: ``fedllm_round``, ``fedllm_num_rounds``,
   ``fedllm_rounds_completed``, ``fedllm_phase{phase}``, ``fedllm_clients_known``,
   ``fedllm_clients_expected``, ``fedllm_clients_sampled``, ``fedllm_round_updates_received``,
-  ``fedllm_global_version``, ``fedllm_paused``, ``fedllm_last_train_loss``, ``fedllm_last_eval_loss``.
+  ``fedllm_global_version``, ``fedllm_paused``, ``fedllm_dp_epsilon`` (with ``--dp``), ``fedllm_last_train_loss``, ``fedllm_last_eval_loss``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import os
@@ -39,6 +40,8 @@ from pathlib import Path
 from typing import Any
 
 from flask import Flask, Response, g, request
+
+from ..trackers import Run, Tracker, open_tracker
 
 log = logging.getLogger("fedllm.server")
 
@@ -137,6 +140,8 @@ class FederationCollector:
             gauge("fedllm_round_updates_received", "Updates received in the current round.", len(status["received"])),
             gauge("fedllm_global_version", "Version of the served global adapter.", status["global_version"]),
             gauge("fedllm_paused", "1 while an operator has paused the federation.", float(bool(status.get("paused")))),
+            gauge("fedllm_dp_epsilon", "Differential privacy spent so far (ε at the federation's δ; --dp).",
+                  (status.get("dp") or {}).get("epsilon")),
             gauge("fedllm_last_train_loss", "Weighted train loss of the last aggregated round.", last.get("train_loss")),
             gauge("fedllm_last_eval_loss", "Weighted federated eval loss of the last aggregated round.",
                   last.get("eval_loss")),
@@ -224,53 +229,32 @@ def _observe_aggregation(federation: Any, metrics: Instruments, round_number: in
         log.exception("recording aggregation metrics failed")
 
 
-# ---------------------------------------------------------------------------------------------- TensorBoard
-TENSORBOARD_SCALARS = ("train_loss", "eval_loss", "participants", "num_samples", "bytes_received", "seconds",
-                       "aggregation_seconds")
+# ------------------------------------------------------------------------------------------------- trackers
+class RoundReporter:
+    """Sends each aggregated round's record to a tracker (:mod:`fedllm.trackers`), from the process that aggregated.
 
+    The tracker opens at the process's first aggregation, so a gunicorn worker that never aggregates opens
+    no run (and starts no W&B service). A tracker that fails is logged and never fails the round.
+    """
 
-def tensorboard_available() -> bool:
-    try:
-        import tensorboardX  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-class TensorBoardReporter:
-    """Writes each aggregated round's scalars to ``logdir`` (from the process that aggregated it)."""
-
-    def __init__(self, federation: Any, logdir: str | Path):
+    def __init__(self, federation: Any, report_to: str, report_dir: str | Path):
         self.federation = federation
-        self.logdir = Path(logdir)
-        self._writer: Any = None
+        self.report_to = report_to
+        self.report_dir = Path(report_dir)
+        self._tracker: Tracker | None = None
 
-    def attach(self) -> TensorBoardReporter:
+    def attach(self) -> RoundReporter:
         self.federation.rounds.after_aggregation.append(self.on_aggregated)
         return self
 
     def on_aggregated(self, round_number: int) -> None:
         try:
             record = _round_record(self.federation, round_number)
-            if record is not None:
-                self.write(record)
+            if record is None:
+                return
+            if self._tracker is None:
+                run = Run(key=self.federation.federation_id, config=dataclasses.asdict(self.federation.config))
+                self._tracker = open_tracker(self.report_to, self.report_dir, run)
+            self._tracker.log_round(record)
         except Exception:
-            log.exception("writing TensorBoard scalars for round %d failed", round_number)
-
-    def write(self, record: dict[str, Any]) -> None:
-        """One event with the round's scalars, written and flushed before returning (no background queue)."""
-        from tensorboardX.event_file_writer import EventsWriter
-        from tensorboardX.proto.event_pb2 import Event
-        from tensorboardX.summary import scalar
-
-        if self._writer is None:
-            self.logdir.mkdir(parents=True, exist_ok=True)
-            self._writer = EventsWriter(str(self.logdir / "events"), f".{os.getpid()}")
-        values = dict(record, participants=len(record.get("participants") or []))
-        event = Event(wall_time=time.time(), step=int(record["round"]))
-        for name in TENSORBOARD_SCALARS:
-            value = values.get(name)
-            if isinstance(value, (int, float)) and not isinstance(value, bool):
-                event.summary.value.extend(scalar(f"federation/{name}", float(value)).value)
-        self._writer.write_event(event)
-        self._writer.flush()
+            log.exception("reporting round %d to %s failed", round_number, self.report_to)

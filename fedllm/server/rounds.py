@@ -26,7 +26,7 @@ from __future__ import annotations
 import fcntl
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
@@ -42,7 +42,8 @@ from .versions import FileUpdate, GlobalVersions
 log = logging.getLogger("fedllm.server")
 
 FEDERATION_ACTOR = "federation"  # the actor of events the federation causes itself
-FINISHED_KEY = "finished_early"  # meta key set when the federation ran out of eligible clients
+FINISHED_KEY = "finished_early"  # meta key set when the federation ran out of eligible clients or budget
+PRIVACY_KEY = "privacy"  # meta: DP rounds allowed, ε spent so far, the clip norm of the open round
 
 
 class RoundEngine:
@@ -54,12 +55,18 @@ class RoundEngine:
         self.config = config
         self.algorithm = algorithm
         self.versions = versions
-        self.sampler = ClientSampler(config.seed, config.sample_clients)
+        poisson = config.sample_clients / config.num_clients if config.client_sampling == "poisson" else None
+        self.sampler = ClientSampler(config.seed, config.sample_clients, poisson)
         # Whether clients commit state with each accepted update (SCAFFOLD's c_i, uploaded as extra tensors): an
         # aborted round's accepted updates are then carried to the next aggregation instead of deleted
         # (FedAlgorithm.absorb_discarded), so the server's state keeps mirroring the clients'.
         self.carries_client_state = carries_client_state
-        self.after_aggregation: list[Callable[[int], None]] = []  # metrics, TensorBoard (fedllm.server.metrics)
+        self.after_aggregation: list[Callable[[int], None]] = []
+        self.accountant = None
+        if config.dp_enabled:
+            from ..privacy.accountant import accountant_for  # dp-accounting only where DP is on
+
+            self.accountant = accountant_for(config)  # metrics, TensorBoard (fedllm.server.metrics)
 
     # ------------------------------------------------------------------ reads
     def phase(self, db, current: RoundRow | None) -> str:
@@ -95,6 +102,9 @@ class RoundEngine:
             "num_clients": self.config.num_clients,
             "paused": bool(self.store.get_meta(db, "paused")),
         }
+        privacy = self.privacy_status(db)
+        if privacy is not None:
+            status["dp"] = privacy
         if client_id is not None:
             # A paused federation starts no training; an update already under way is still accepted.
             status["selected"] = bool(status["phase"] == "training" and current.status == "training"
@@ -105,11 +115,14 @@ class RoundEngine:
 
     def training_config(self, round_number: int) -> dict[str, Any]:
         """What a client trains with in ``round_number``: the scheduled learning rate and the steps."""
-        return {
+        config = {
             "round": round_number,
             "learning_rate": round_learning_rate(self.config, max(round_number, 1)),
             "max_steps": self.config.max_steps,
         }
+        if self.config.dp == "client":  # the clients clip to this round's norm before they upload
+            config["dp_clip_norm"] = self.store.get_meta(self.store.read(), PRIVACY_KEY, {}).get("clip_norm")
+        return config
 
     # ------------------------------------------------------------------ rules (inside a transaction)
     def _deadline(self) -> float | None:
@@ -125,8 +138,15 @@ class RoundEngine:
         if not eligible:
             self._finish_early(db, round_number, "no eligible client is left")
             return
+        allowed = self.store.get_meta(db, PRIVACY_KEY, {}).get("rounds_allowed")
+        if allowed is not None and round_number > allowed:
+            self._finish_early(db, round_number, f"the privacy budget --dp_target_epsilon "
+                                                 f"{self.config.dp_target_epsilon:g} allows {allowed} rounds")
+            return
         sampled = self.sampler.sample(eligible, round_number)
         self.store.insert_round(db, round_number, sampled, self._deadline())
+        if not sampled:  # a Poisson draw of nobody: the round is the noise alone, aggregated at once
+            self.store.set_round_status(db, round_number, "closed")
         log.info("round %d started: sampled %s", round_number, sampled)
 
     def _finish_early(self, db, round_number: int, reason: str) -> None:
@@ -299,6 +319,8 @@ class RoundEngine:
                 self.versions.export(new_adapter, f"round_{version}")
             fault_point("aggregate.files_written")
             record = history_record(current, rows, row.version, row.sha256, time.time() - started)
+            privacy = self._privacy_record(version, state, new_state)
+            record.update({k: v for k, v in privacy.items() if k != "dp_next_clip_norm"})
             with self.store.transaction() as db:
                 if [r.client_id for r in self._eligible_updates(db, self.store.current_round(db))] != [
                         r.client_id for r in rows]:
@@ -308,6 +330,10 @@ class RoundEngine:
                 if len(self.store.carried(db)) != len(carried):
                     return False  # a round was aborted meanwhile: redo with its updates carried too
                 self.store.clear_carried(db)
+                if privacy:
+                    spent = self.store.get_meta(db, PRIVACY_KEY, {})
+                    self.store.set_meta(db, PRIVACY_KEY, {**spent, "epsilon": privacy["dp_epsilon"],
+                                                          "clip_norm": privacy["dp_next_clip_norm"]})
                 self.store.insert_global(db, row)
                 self.store.insert_history(db, version, record)
                 self.store.set_round_status(db, version, "aggregated")
@@ -320,6 +346,30 @@ class RoundEngine:
         for hook in self.after_aggregation:
             hook(version)
         return True
+
+    def _privacy_record(self, version: int, state: Mapping[str, Any], new_state: Mapping[str, Any]) -> dict[str, Any]:
+        """``dp_epsilon`` (spent after this round) and ``dp_clip_norm`` (used this round) for the history."""
+        if self.accountant is None:
+            return {}
+        clip = self.algorithm.clip_norm(state)
+        return {"dp_epsilon": self.accountant.epsilon(version), "dp_clip_norm": clip,
+                "dp_next_clip_norm": self.algorithm.clip_norm(new_state)}
+
+    def privacy_status(self, db) -> dict[str, Any] | None:
+        """``GET /v1/round``'s ``dp``: the mode, ε spent so far (null without noise), δ, C, σ, rounds allowed."""
+        if self.accountant is None:
+            return None
+        spent = self.store.get_meta(db, PRIVACY_KEY, {})
+        epsilon = spent.get("epsilon", 0.0) if self.config.dp_noise_multiplier > 0 else None
+        return {"mode": self.config.dp, "epsilon": epsilon, "delta": self.accountant.delta,
+                "clip_norm": spent.get("clip_norm"), "noise_multiplier": self.config.dp_noise_multiplier,
+                "rounds_allowed": spent.get("rounds_allowed")}
+
+    def current_clip_norm(self) -> float | None:
+        """The clip norm uploads of the open round must keep to (``--dp client``), else None."""
+        if self.accountant is None or self.config.dp != "client":
+            return None
+        return self.store.get_meta(self.store.read(), PRIVACY_KEY, {}).get("clip_norm")
 
     def _abort_not_finite(self, closed: RoundRow, names: list[str]) -> None:
         """An aggregate with NaN or infinite values is never committed: the round starts over, with an event."""

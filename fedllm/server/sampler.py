@@ -13,11 +13,16 @@ from collections.abc import Collection, Iterable
 
 
 class ClientSampler:
-    """Seeded draws of up to ``sample_size`` clients out of the eligible ones."""
+    """Seeded draws of up to ``sample_size`` clients out of the eligible ones.
 
-    def __init__(self, seed: int, sample_size: int):
+    With ``poisson_rate`` q a new round instead includes each eligible client independently with probability q
+    (``--client_sampling poisson``, what the DP accountant's Poisson analysis assumes); such a round may be empty.
+    """
+
+    def __init__(self, seed: int, sample_size: int, poisson_rate: float | None = None):
         self.seed = seed
         self.sample_size = sample_size
+        self.poisson_rate = poisson_rate
 
     def _draw(self, candidates: Iterable[str], k: int, key: str) -> list[str]:
         pool = sorted(set(candidates))
@@ -29,6 +34,9 @@ class ClientSampler:
 
     def sample(self, eligible: Collection[str], round_number: int) -> list[str]:
         """The clients of a new round."""
+        if self.poisson_rate is not None:
+            rng = random.Random(f"{self.seed}:{round_number}:poisson")
+            return [c for c in sorted(set(eligible)) if rng.random() < self.poisson_rate]
         return self._draw(eligible, self.size(eligible), str(round_number))
 
     def redraw(self, eligible: Collection[str], round_number: int, attempt: int) -> list[str]:

@@ -47,6 +47,7 @@ class FileUpdate:
     def __init__(self, row: UpdateRow, path: str | Path | None = None):
         self.client_id = row.client_id
         self.num_samples = row.num_samples
+        self.metrics = row.metrics  # what the client reported with it (e.g. DP's dp_unclipped)
         self._file = TensorFile(path or row.path)
 
     def get(self, name: str) -> torch.Tensor:

@@ -198,7 +198,9 @@ function drawHeader(round, history) {
   if (round.phase === "waiting") {
     text += ` · waiting for clients: ${round.clients_joined} of ${round.num_clients ?? "?"} joined`;
   } else if (round.phase === "training" || round.phase === "aggregating") {
-    text += ` · round ${round.round}: ${round.received.length} of ${round.sampled.length} updates received`;
+    const received = round.received ? round.received.length : round.num_received;
+    const sampled = round.sampled ? round.sampled.length : round.num_sampled;
+    text += ` · round ${round.round}: ${received} of ${sampled} updates received`;
     if (round.deadline) {
       const left = round.deadline - Date.now() / 1000;
       text += left > 0 ? ` · deadline in ${fmtSeconds(left)}` : " · deadline passed";
@@ -206,6 +208,13 @@ function drawHeader(round, history) {
     if (round.deadline_extensions) text += ` · ${round.deadline_extensions} deadline extension(s)`;
   } else if (round.phase === "finished") {
     text += " · federation finished";
+  }
+  if (round.dp) {  // differential privacy: what has been spent so far
+    const eps = round.dp.epsilon === null ? "no guarantee (σ = 0)" : `ε = ${round.dp.epsilon.toFixed(2)}`;
+    text += ` · DP (${round.dp.mode}): ${eps} at δ = ${round.dp.delta.toPrecision(2)}`;
+    if (round.dp.rounds_allowed !== null && round.dp.rounds_allowed !== undefined) {
+      text += `, budget ${round.dp.rounds_allowed} rounds`;
+    }
   }
   $("progress-text").textContent = text;
 }

@@ -1,0 +1,1 @@
+"""Differential privacy: client-level DP-FedAvg (fixed and adaptive clipping), its accountant, DP-SGD."""
