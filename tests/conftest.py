@@ -56,6 +56,21 @@ def _units_stay_units(request: pytest.FixtureRequest, monkeypatch: pytest.Monkey
     monkeypatch.setattr(subprocess.Popen, "__init__", popen_unless_fedllm)
 
 
+@pytest.fixture
+def restore_logging() -> Iterator[None]:
+    """The entry points' main() replaces the root logger's handlers; put them back after the test."""
+    import logging
+
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+    for handler in handlers:
+        root.addHandler(handler)
+    root.setLevel(level)
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     return build_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), seed=0)

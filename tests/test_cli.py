@@ -6,13 +6,11 @@ from __future__ import annotations
 
 import importlib
 import json
-import logging
 import os
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -27,18 +25,6 @@ from fedllm.server.auth import TokenRegistry
 SCRIPTS = {"server": "server_http", "client": "client_http", "simulate": "simulate", "evaluate": "evaluate",
            "export": "export", "config": "config"}
 
-
-@pytest.fixture
-def restore_logging() -> Iterator[None]:
-    """The server's main replaces the root logger's handlers; put them back."""
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    yield
-    for handler in list(root.handlers):
-        root.removeHandler(handler)
-    for handler in handlers:
-        root.addHandler(handler)
-    root.setLevel(level)
 
 
 def exit_code(argv: list[str]) -> int:

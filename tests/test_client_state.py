@@ -358,18 +358,6 @@ def test_client_killed_between_training_and_acceptance_keeps_c_the_mean_of_c_i(
 
 
 # ------------------------------------------------------------------------------------------ binding, sample count
-@pytest.fixture
-def restore_logging():
-    import logging
-
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    yield
-    for handler in list(root.handlers):
-        root.removeHandler(handler)
-    for handler in handlers:
-        root.addHandler(handler)
-    root.setLevel(level)
 
 
 @pytest.mark.integration

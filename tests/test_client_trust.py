@@ -164,18 +164,6 @@ def files_outside(root: Path, inside: Path) -> dict[Path, bytes]:
     return {p: p.read_bytes() for p in root.rglob("*") if p.is_file() and inside not in p.parents}
 
 
-@pytest.fixture
-def restore_logging() -> Iterator[None]:
-    """``client_http.main`` replaces the root logger's handlers; put them back."""
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    yield
-    for handler in list(root.handlers):
-        root.removeHandler(handler)
-    for handler in handlers:
-        root.addHandler(handler)
-    root.setLevel(level)
-
 
 # ------------------------------------------------------------------------------------------ ETag and version headers
 @pytest.mark.parametrize("etag", TRAVERSING_ETAGS + MALFORMED_ETAGS)

@@ -193,20 +193,6 @@ class FakeTrainer:
                            {"train_loss": 3.0 / round_number, "steps": float(max_steps), "eval_loss": 4.0 / round_number})
 
 
-@pytest.fixture
-def restore_logging():
-    import logging
-
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    yield
-    for handler in list(root.handlers):
-        root.removeHandler(handler)
-    for handler in handlers:
-        root.addHandler(handler)
-    root.setLevel(level)
-    logging.captureWarnings(False)
-
 
 def test_progress_bars_only_for_a_person_at_a_terminal(monkeypatch) -> None:
     import io
