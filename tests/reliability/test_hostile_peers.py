@@ -191,14 +191,18 @@ def test_json_bodies_are_bounded(api: Api) -> None:
 
 def test_received_bytes_count_what_was_read(api: Api) -> None:
     """An upload refused from its Content-Length adds nothing to fedllm_http_received_bytes_total."""
+    def counted() -> float:
+        # The Prometheus registry is process-wide: earlier tests' uploads are in it, so compare before and after.
+        scrape = api.http.get("/metrics").get_data(as_text=True)
+        return sum(float(line.rsplit(" ", 1)[1]) for line in scrape.splitlines()
+                   if line.startswith('fedllm_http_received_bytes_total{endpoint="/v1/update"}'))
+
+    before = counted()
     huge = api.federation.max_upload_bytes + 1
     response = api.http.post("/v1/update?round=1", data=b"x" * huge,
                              headers={"X-FedLLM-Client": api.sampled()[0], "X-FedLLM-Num-Samples": "1"})
     assert response.status_code == 413
-    scrape = api.http.get("/metrics").get_data(as_text=True)
-    counted = [float(line.rsplit(" ", 1)[1]) for line in scrape.splitlines()
-               if line.startswith('fedllm_http_received_bytes_total{endpoint="/v1/update"}')]
-    assert sum(counted) == 0  # nothing was read, so nothing is counted (absent or 0)
+    assert counted() == before  # nothing was read, so nothing is counted
 
 
 # ------------------------------------------------------------------------------------- one server, no cleartext
