@@ -1,0 +1,33 @@
+"""The masked input on the wire: a safetensors file of one ring-element tensor (nothing is unpickled)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+from safetensors import SafetensorError
+from safetensors.numpy import load, save
+
+from .protocol import ProtocolError
+
+MASKED_TENSOR = "masked"
+EXCLUDED_METADATA = "excluded"  # the neighbours whose shares failed authentication, comma-separated
+
+
+def masked_file(vector: np.ndarray, excluded: list[str]) -> bytes:
+    """The body of ``POST /v1/secagg/masked``."""
+    return save({MASKED_TENSOR: vector}, metadata={EXCLUDED_METADATA: ",".join(excluded)})
+
+
+def parse_masked(body: bytes) -> tuple[np.ndarray, list[str]]:
+    """(the vector, the excluded neighbours) of :func:`masked_file`; ProtocolError for anything else."""
+    try:
+        tensors = load(body)
+        header = json.loads(body[8:8 + int.from_bytes(body[:8], "little")])
+    except (SafetensorError, ValueError, UnicodeDecodeError) as exc:
+        raise ProtocolError(f"a masked input is a safetensors file: {exc}") from None
+    if set(tensors) != {MASKED_TENSOR}:
+        raise ProtocolError(f"a masked input holds one tensor, {MASKED_TENSOR!r}")
+    metadata = header.get("__metadata__") or {}
+    excluded = [c for c in str(metadata.get(EXCLUDED_METADATA, "")).split(",") if c]
+    return tensors[MASKED_TENSOR], excluded
