@@ -210,6 +210,12 @@ def test_responses_of_every_role_conform_to_the_document(checked: tuple[Checked,
     assert not_allowed.status_code == 405 and "GET" in not_allowed.headers["Allow"]
     assert api.call("POST", "/v1/admin/remove_client", ADMIN, json={"client_id": "bob"}).status_code == 200
     assert api.call("GET", "/v1/round", "bob").status_code == 403  # removed
+    # The secure-aggregation stages (tests/test_secagg_http.py) answer 409 on a federation without them.
+    secagg = [api.call("GET", "/v1/secagg", "alice"),
+              api.call("POST", "/v1/secagg/masked?round=1&attempt=0", "alice", data=b"x", template="/v1/secagg/masked")]
+    secagg += [api.call("POST", f"/v1/secagg/{stage}?round=1&attempt=0", "alice", json={},
+                        template=f"/v1/secagg/{stage}") for stage in ("keys", "shares", "unmask")]
+    assert [r.status_code for r in secagg] == [409] * 5
     assert len({path for _method, path, _status in api.checked}) == len(SPEC["paths"])  # every path was exercised
 
 
