@@ -206,6 +206,8 @@ def test_secure_round_equals_plain_fedavg_and_the_server_holds_nothing_correlate
     status = server.status()
     assert status["round"] == 2 and status["secagg"]["stage"] == "advertise"
     assert set(status["secagg"]) >= {"stage", "clients_in_stage", "dropped"}
+    scraped = server.http.get("/metrics").get_data(as_text=True)
+    assert 'fedllm_secagg_stage{stage="advertise"} 1.0' in scraped and "fedllm_secagg_dropped" in scraped
 
 
 @pytest.mark.parametrize("stage", ["advertise", "share", "masked", "unmask"])
