@@ -6,8 +6,8 @@
 * authenticated encryption of the Shamir shares: AES-256-GCM, a fresh 96-bit random nonce per message, the
   associated data binding sender, receiver, round, attempt and stage (a share replayed into another round or
   to another receiver fails to decrypt);
-* mask PRG: the AES-256-CTR keystream of a 32-byte seed (a PRF in counter mode: a cryptographic PRG), read as
-  little-endian unsigned integers of the ring's storage width.
+* mask PRG: the AES-128-CTR keystream of a seed (a PRF in counter mode: a cryptographic PRG, 128-bit security
+  like X25519's), read as little-endian unsigned integers of the ring's storage width.
 """
 
 from __future__ import annotations
@@ -72,12 +72,31 @@ def decrypt(key: bytes, ciphertext: bytes, associated_data: bytes) -> bytes:
         raise AuthenticationFailed("the share does not authenticate") from None
 
 
-def prg(seed: bytes, length: int, dtype: np.dtype) -> np.ndarray:
-    """``length`` pseudorandom unsigned integers of ``dtype``: the AES-256-CTR keystream of ``seed``.
+def keystreams(seeds: list[bytes], length: int, dtype: np.dtype, chunk: int = 1 << 16):
+    """For each chunk of ``chunk`` elements: the list of every seed's next ``chunk`` pseudorandom integers.
 
-    Each seed is used for one mask of one round (HKDF binds it to the round), so a zero nonce is safe.
+    The PRG of a seed is the AES-128-CTR keystream under its first 16 bytes (zero nonce: each seed serves one
+    mask of one round, HKDF binds it to the round), read as little-endian unsigned integers of ``dtype``. All
+    seeds advance together, a cache-sized chunk at a time, written into reused buffers (no 34 MB allocation per
+    mask): yields ``(start, [array per seed])`` with arrays valid until the next step.
     """
-    dtype = np.dtype(dtype)
-    encryptor = Cipher(algorithms.AES(seed), modes.CTR(bytes(16))).encryptor()
-    stream = encryptor.update(bytes(length * dtype.itemsize)) + encryptor.finalize()
-    return np.frombuffer(stream, dtype=dtype.newbyteorder("<")).astype(dtype, copy=False)
+    dtype = np.dtype(dtype).newbyteorder("<")
+    encryptors = [Cipher(algorithms.AES(seed[:16]), modes.CTR(bytes(16))).encryptor() for seed in seeds]
+    zeros = bytes(chunk * dtype.itemsize)
+    buffers = [bytearray(chunk * dtype.itemsize + 15) for _ in seeds]
+    for start in range(0, length, chunk):
+        count = min(chunk, length - start)
+        nbytes = count * dtype.itemsize
+        streams = []
+        for encryptor, buffer in zip(encryptors, buffers, strict=True):
+            encryptor.update_into(zeros[:nbytes], buffer)
+            streams.append(np.frombuffer(buffer, dtype=dtype, count=count))
+        yield start, streams
+
+
+def prg(seed: bytes, length: int, dtype: np.dtype) -> np.ndarray:
+    """``length`` pseudorandom unsigned integers of ``dtype`` from ``seed`` (the stream of :func:`keystreams`)."""
+    out = np.empty(length, dtype=np.dtype(dtype))
+    for start, (stream,) in keystreams([seed], length, dtype):
+        out[start:start + stream.size] = stream
+    return out

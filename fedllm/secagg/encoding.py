@@ -59,19 +59,30 @@ class FixedPoint:
             np.bitwise_and(vector, self.dtype.type(self.modulus_mask), out=vector)
         return vector
 
-    def encode(self, values: np.ndarray, weight: float) -> tuple[np.ndarray, int]:
-        """[e_i..., w_i] for the flat float ``values`` and weight p_i; also how many coordinates were clipped."""
+    def encode(self, values: np.ndarray, weight: float, chunk: int = 1 << 16) -> tuple[np.ndarray, int]:
+        """[e_i..., w_i] for the flat float ``values`` and weight p_i; also how many coordinates were clipped.
+
+        In float64 (s·p_i·x needs up to 2^(bits-2) exact), a cache-sized chunk at a time.
+        """
         if not 0 < weight <= 1:
             raise ValueError(f"the weight p_i must be in (0, 1], got {weight}")
-        flat = np.asarray(values, dtype=np.float64).ravel()
-        clipped = int(np.count_nonzero(np.abs(flat) > self.clip))
-        scaled = np.clip(flat, -self.clip, self.clip)
-        scaled *= self.scale * weight
-        out = np.empty(flat.size + 1, dtype=np.int64)
-        np.rint(scaled, out=out[:-1], casting="unsafe")
+        flat = np.asarray(values).ravel()
+        out = np.empty(flat.size + 1, dtype=self.dtype)
+        scaled = np.empty(chunk, dtype=np.float64)
+        integers = np.empty(chunk, dtype=np.int64)
+        clipped = 0
+        for start in range(0, flat.size, chunk):
+            part = flat[start:start + chunk]
+            f, i = scaled[:part.size], integers[:part.size]
+            np.copyto(f, part)
+            clipped += int(np.count_nonzero(np.abs(f) > self.clip))
+            np.clip(f, -self.clip, self.clip, out=f)
+            f *= self.scale * weight
+            np.rint(f, out=f)
+            np.copyto(i, f, casting="unsafe")  # exact: |f| ≤ 2^(bits-2)
+            np.copyto(out[start:start + part.size], i, casting="unsafe")  # two's complement: i mod 2^width
         out[-1] = round(self.weight_scale * weight)
-        np.bitwise_and(out, self.modulus_mask, out=out)
-        return out.astype(self.dtype), clipped
+        return self.reduce(out), clipped
 
     def signed(self, total: np.ndarray) -> np.ndarray:
         """Ring elements as the signed integers in [-2^(bits-1), 2^(bits-1))."""

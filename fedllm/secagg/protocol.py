@@ -150,14 +150,16 @@ def pairwise_seed(private: bytes, peer_public: bytes, setup: RoundSetup) -> byte
     return crypto.agree(private, peer_public, _info("mask", setup))
 
 
-def add_mask(vector: np.ndarray, seed: bytes, sign: int, fixed: FixedPoint) -> None:
-    """vector ← vector ± PRG(seed) mod 2^bits, in place."""
-    stream = fixed.reduce(crypto.prg(seed, vector.size, fixed.dtype).copy())
-    if sign > 0:
-        np.add(vector, stream, out=vector)
-    else:
-        np.subtract(vector, stream, out=vector)
-    fixed.reduce(vector)
+def add_masks(vector: np.ndarray, masks: list[tuple[bytes, int]], fixed: FixedPoint) -> None:
+    """vector ← vector + Σ sign·PRG(seed) mod 2^bits, in place, every mask one cache-sized chunk at a time."""
+    if not masks:
+        return
+    signs = [sign for _, sign in masks]
+    for start, streams in crypto.keystreams([seed for seed, _ in masks], vector.size, fixed.dtype):
+        part = vector[start:start + streams[0].size]
+        for stream, sign in zip(streams, signs, strict=True):
+            (np.add if sign > 0 else np.subtract)(part, stream, out=part)
+        fixed.reduce(part)
 
 
 # ---------------------------------------------------------------------------------------------- client
@@ -244,13 +246,12 @@ class ClientRound:
         if "excluded" not in self.state:
             self._open_shares(u2, _object(ciphertexts, "ciphertexts"))
         excluded = set(self.state["excluded"])
-        masked = encoded.copy()
-        add_mask(masked, bytes.fromhex(self.state["b"]), 1, fixed)
         s_sk = bytes.fromhex(self.state["s_sk"])
-        for v in self.state["masked_with"]:
-            if v not in excluded:
-                seed = pairwise_seed(s_sk, bytes.fromhex(self.state["peers"][v]["s_pk"]), self.setup)
-                add_mask(masked, seed, _sign(self.client_id, v), fixed)
+        masks = [(bytes.fromhex(self.state["b"]), 1)]
+        masks += [(pairwise_seed(s_sk, bytes.fromhex(self.state["peers"][v]["s_pk"]), self.setup),
+                   _sign(self.client_id, v)) for v in self.state["masked_with"] if v not in excluded]
+        masked = encoded.copy()
+        add_masks(masked, masks, fixed)
         return masked, sorted(excluded)
 
     def _open_shares(self, u2: set[str], ciphertexts: dict[str, Any]) -> None:
@@ -520,8 +521,7 @@ def unmask_sum(masked: Iterable[np.ndarray], corrections: Iterable[tuple[bytes, 
     for vector in masked:
         np.add(total, vector, out=total)
         fixed.reduce(total)
-    for seed, sign in corrections:
-        add_mask(total, seed, sign, fixed)
+    add_masks(total, list(corrections), fixed)
     return total
 
 
