@@ -343,3 +343,35 @@ def test_composes_with_fedadam_and_client_dp(fresh: Path, tmp_path: Path):
     new, _ = load_state(server.federation.store.state_path(1))
     assert_close({k: new[k] for k in expected}, expected, bound=1e-5)
     assert json.dumps(server.status()["dp"])
+
+
+def test_the_simulation_runs_the_same_stages(fresh: Path, tmp_path: Path):
+    """run_federation (simulate.py's loop) with synthetic updates: the secure mean equals the plain one."""
+    from fedllm.client.state import FederationBinding
+    from fedllm.simulation import ClientPool, run_federation
+
+    server = make_server(fresh, tmp_path)
+    federation = server.federation
+    deltas, _ = write_deltas(server, tmp_path, seed=6)
+
+    class SyntheticClients(ClientPool):
+        clients_dir = tmp_path / "clients"
+
+        def num_samples(self, client_id: str) -> int:
+            return SAMPLES[client_id]
+
+        def play_round(self, federation, client_ids, global_tensors, round_number, learning_rate, max_steps,
+                       clip_norm=None) -> None:
+            binding = FederationBinding.of(federation.client_config())
+            for client_id in client_ids:
+                state = self.client_state(client_id, binding)
+                update = {n: t * round_number for n, t in deltas[client_id].items()}
+                pending = state.write_pending(round_number, encode(update, "float32"), SAMPLES[client_id], {})
+                self.deliver(federation, client_id, pending)
+
+    history = run_federation(federation, SyntheticClients(), sorted(SAMPLES), name="secagg",
+                             history_file=tmp_path / "history.json")
+    assert [h["participants"] for h in history] == [sorted(SAMPLES)] * 2
+    (old, _), (new, _) = (load_state(federation.store.state_path(v)) for v in (0, 2))
+    mean = plain_mean(deltas, sorted(SAMPLES))
+    assert_close({k: new[k] - old[k] for k in new}, {k: 3 * v for k, v in mean.items()}, bound=3e-6)  # rounds 1+2
