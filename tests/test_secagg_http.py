@@ -376,3 +376,24 @@ def test_the_simulation_runs_the_same_stages(fresh: Path, tmp_path: Path):
     new, _ = load_state(federation.store.state_path(2))
     mean = plain_mean(deltas, sorted(SAMPLES))
     assert_close({k: new[k] - old[k] for k in new}, {k: 3 * v for k, v in mean.items()}, bound=3e-6)  # rounds 1+2
+
+
+def test_inconsistent_unmasking_shares_rerun_the_round(fresh: Path, tmp_path: Path):
+    """A revealed share that does not lie on its polynomial (5 answers, t = 3: the extra ones are checked) fails
+    the attempt instead of producing a wrong aggregate; the round re-runs and then aggregates correctly."""
+    server = make_server(fresh, tmp_path)
+    deltas, pending = write_deltas(server, tmp_path, seed=7)
+    real_tick = server.federation.tick
+    server.federation.tick = lambda: None  # hold the aggregation back until the state is tampered with
+    drive(server, pending, tmp_path, stop=lambda: server.status()["phase"] == "aggregating")
+    path = server.state_dir / "secagg" / "r000001" / "a00" / "state.json"
+    stored = json.loads(path.read_text())
+    share = stored["state"]["unmask"]["c1"]["b"]["c0"]
+    stored["state"]["unmask"]["c1"]["b"]["c0"] = f"{int(share, 16) ^ 1:0{len(share)}x}"
+    path.write_text(json.dumps(stored))
+    server.federation.tick = real_tick
+    assert server.federation.tick() is False
+    assert server.status()["phase"] == "training" and server.federation.secure.view("c0")["attempt"] == 1
+    assert [e["detail"]["stage"] for e in server.federation.events() if e["action"] == "secagg_rerun"] == ["unmask"]
+    drive(server, pending, tmp_path, stop=aggregated(server))
+    assert_close(global_delta(server), plain_mean(deltas, sorted(SAMPLES)))

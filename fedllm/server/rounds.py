@@ -309,7 +309,10 @@ class RoundEngine:
             carried = self.store.carried(db)
             adapter, state = self.versions.load(self.store.latest_global(db))
             if self.secure is not None:  # the survivors' masked inputs, unmasked as one sum: no update row exists
-                mean, participants, weight = self.secure.mean_delta(current.round)
+                unmasked = self.secure.mean_delta(current.round)
+                if unmasked is None:  # the shares did not rebuild the masks: the round re-runs
+                    return False
+                mean, participants, weight = unmasked
                 new_adapter, new_state = aggregate_secure_mean(self.algorithm, self.config, adapter, mean,
                                                                len(participants), state)
             else:

@@ -296,16 +296,40 @@ class SecureRounds:
                 self._save(server)
         self._after_change(server)
 
+    def _fail_closed_round(self, server: ServerRound, reason: str) -> None:
+        """A closed round whose unmasking cannot be trusted: back to training, re-run with all of its clients."""
+        with self._locked():
+            server.state.update(stage="failed", failure={"stage": "unmask", "reason": reason,
+                                                         "remaining": list(server.setup.clients)})
+            self._save(server)
+        with self.store.transaction() as db:
+            current = self.store.current_round(db)
+            if current is None or current.round != server.setup.round or current.status != "closed":
+                return
+            self.store.set_round_status(db, current.round, "training")
+            sampled = self.set_sampled(db, current.round, list(server.setup.clients))
+            self.store.add_event(db, ACTOR, "secagg_rerun", {"round": current.round, "attempt": server.setup.attempt,
+                                                             **server.state["failure"], "sampled": sampled})
+        log.error("round %d attempt %d: the unmasking failed (%s); re-running the round", server.setup.round,
+                  server.setup.attempt, reason)
+
     def forget(self, round_number: int) -> None:
         """Delete an aggregated round's masked inputs and messages."""
         shutil.rmtree(self._round_dir(round_number), ignore_errors=True)
 
     # ------------------------------------------------------------------ the secure sum
-    def mean_delta(self, round_number: int) -> tuple[dict[str, torch.Tensor], list[str], float]:
-        """The unmasked weighted mean delta of the round, its contributors U3 and their weight fraction P."""
+    def mean_delta(self, round_number: int) -> tuple[dict[str, torch.Tensor], list[str], float] | None:
+        """The unmasked weighted mean delta of the round, its contributors U3 and their weight fraction P; None when
+        the revealed shares do not rebuild the secrets (inconsistent, or a key that does not match its public
+        key): the attempt fails and the round re-runs with all its clients."""
         server = self.load(round_number)
         if server is None or server.stage != "done":
             raise RuntimeError(f"round {round_number} has not finished its unmasking")
+        try:
+            corrections = server.corrections()
+        except ProtocolError as exc:
+            self._fail_closed_round(server, str(exc))
+            return None
         setup = server.setup
         directory = self._attempt_dir(round_number, setup.attempt) / "masked"
 
@@ -317,7 +341,7 @@ class SecureRounds:
                     raise RuntimeError(f"the stored masked input of {client} does not match its digest")
                 yield parse_masked(body)[0]
 
-        total = unmask_sum(vectors(), server.corrections(), setup.fixed_point, setup.length)
+        total = unmask_sum(vectors(), corrections, setup.fixed_point, setup.length)
         flat, weight = setup.fixed_point.decode_mean(total)
         mean, offset = {}, 0
         for name in self.names:
