@@ -102,15 +102,15 @@ class SecureRounds:
     def load(self, round_number: int) -> ServerRound | None:
         """The newest attempt of ``round_number``, or None before it started."""
         directory = self._round_dir(round_number)
-        attempts = sorted(directory.glob("a*/state.json")) if directory.exists() else []
+        attempts = list(directory.glob("a*/state.json")) if directory.exists() else []
         if not attempts:
             return None
-        data = json.loads(attempts[-1].read_text())
+        data = json.loads(max(attempts, key=lambda p: int(p.parent.name[1:])).read_text())
         return ServerRound(RoundSetup.from_json(data["setup"]), data["state"])
 
     def _save(self, server: ServerRound) -> None:
         setup = server.setup
-        body = json.dumps({"setup": setup.to_json(), "state": server.state, "deadline": self._deadline(server)})
+        body = json.dumps({"setup": setup.to_json(), "state": server.state})
         with storage_errors():
             directory = self._attempt_dir(setup.round, setup.attempt)
             if not directory.exists():
@@ -131,6 +131,9 @@ class SecureRounds:
         """The open attempt of the current round, starting attempt 0 when the round has none yet."""
         if current is None or current.status != "training" or not current.sampled:
             raise NoOpenRound("no round is running its secure-aggregation stages")
+        if len(current.sampled) < 3:  # operator removals can shrink a sample: two would learn each other's update
+            raise NoOpenRound(f"round {current.round} has {len(current.sampled)} clients; secure aggregation needs "
+                              "3 (abort the round to draw again)")
         server = self.load(current.round)
         if server is not None and server.state.get("extensions") == current.extensions and server.stage != "failed":
             return server
