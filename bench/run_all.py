@@ -20,7 +20,7 @@ if __package__ in (None, ""):  # run as a script: make `bench` importable
 
 from bench.common import RESULTS_DIR, ROOT  # noqa: E402
 
-BENCHMARKS = ("aggregation", "wire_format", "transfer", "rounds", "client_overhead")
+BENCHMARKS = ("aggregation", "wire_format", "transfer", "rounds", "client_overhead", "secagg")
 
 
 def run_benchmark(name: str, out_dir: Path, quick: bool, timeout: float) -> tuple[bool, float, str]:

@@ -144,7 +144,12 @@ class ClientPool(abc.ABC):
         return ClientState(self.clients_dir / client_id, binding)
 
     def deliver(self, federation: Federation, client_id: str, pending: PendingUpdate) -> None:
-        """Hand ``client_id``'s pending update to ``federation``; its hook state commits on acceptance."""
+        """Hand ``client_id``'s pending update to ``federation``; its hook state commits on acceptance.
+
+        Under ``--secure_aggregation`` it stays pending: the stages need every client's update, and
+        :func:`run_federation` runs them for all once the round is trained (:func:`deliver_securely`)."""
+        if federation.secure is not None:
+            return
         state = self.client_state(client_id, federation)
         state.deliver(pending, functools.partial(_hand_over, federation, client_id))
 
@@ -257,6 +262,52 @@ def _receive(federation: Federation, client_id: str, round_number: int, num_samp
     federation.receive_update(client_id, round_number, num_samples, io.BytesIO(body).read, len(body), None)
 
 
+class InProcessSecAgg:
+    """The two calls :class:`~fedllm.client.secagg.SecureUploader` makes, straight into the federation's
+    :class:`~fedllm.server.secure_rounds.SecureRounds` (an error becomes the ServerError HTTP would give)."""
+
+    def __init__(self, federation: Federation, client_id: str):
+        self.federation = federation
+        self.client_id = client_id
+
+    def secagg_view(self) -> dict[str, Any]:
+        return self.federation.secure.view(self.client_id)
+
+    def secagg_send(self, stage: str, round_number: int, attempt: int, *, message: dict[str, Any] | None = None,
+                    body: bytes | None = None) -> dict[str, Any]:
+        from .client.http import ServerError
+
+        secure = self.federation.secure
+        try:
+            if stage == "masked":
+                return secure.receive_masked(self.client_id, round_number, attempt, io.BytesIO(body).read, len(body))
+            receive = {"keys": secure.receive_keys, "shares": secure.receive_shares, "unmask": secure.receive_unmask}
+            return receive[stage](self.client_id, round_number, attempt, message)
+        except FederationError as exc:
+            raise ServerError(ERROR_STATUS[type(exc)], exc.error, exc.detail) from None
+
+
+def deliver_securely(federation: Federation, clients: ClientPool, client_ids: Sequence[str]) -> None:
+    """Run the SecAgg+ stages of the round for the pending updates of ``client_ids``, the clients taking turns
+    (each with its own state folder, as over HTTP); each update commits once its client's part is done."""
+    from .client.secagg import SecureUploader
+
+    config = federation.client_config()
+    states = {c: clients.client_state(c, federation) for c in client_ids}
+    pending = {c: p for c, state in states.items() if (p := state.pending()) is not None}
+    uploaders = {c: SecureUploader(InProcessSecAgg(federation, c), config, clients.clients_dir / c) for c in pending}
+    finished: dict[str, bool] = {}
+    for _ in range(10 * len(pending) + 10):  # every pass answers one stage for every client
+        for client_id in sorted(set(pending) - set(finished)):
+            result = uploaders[client_id].step(pending[client_id])
+            if result is not None:
+                finished[client_id] = result
+                (states[client_id].commit if result else states[client_id].discard)(pending[client_id])
+        if len(finished) == len(pending):
+            return
+    raise RuntimeError(f"the secure-aggregation stages did not finish: {federation.status().get('secagg')}")
+
+
 RoundCallback = Callable[[str, dict[str, Any]], None]
 
 
@@ -286,6 +337,8 @@ def run_federation(federation: Federation, clients: ClientPool, client_ids: Sequ
         to_train = [c for c in status["sampled"] if c not in status["received"]]  # the others: accepted before a restart
         clients.play_round(federation, to_train, global_tensors, round_number, round_config["learning_rate"],
                            round_config["max_steps"], round_config.get("dp_clip_norm"))
+        if federation.secure is not None:
+            deliver_securely(federation, clients, status["sampled"])
         if not federation.tick():
             raise RuntimeError(f"round {round_number} did not aggregate; state in {federation.store.root}")
         finished_round()

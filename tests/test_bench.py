@@ -25,6 +25,7 @@ EXPECTED = {
     "transfer": ("server / raw", "worker peak RSS"),
     "rounds": ("server turnaround s", "errors"),
     "client_overhead": ("trainer init", "client time ratio"),
+    "secagg": ("client time ratio", "client masking vs plain"),
 }
 
 

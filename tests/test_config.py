@@ -21,6 +21,7 @@ from fedllm.config import (
     parse_args,
 )
 from fedllm.privacy.config import PrivacyArguments
+from fedllm.secagg.config import SecAggArguments
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -37,6 +38,8 @@ SERVED_DEFAULTS = {
     "krum_keep": 1, "max_update_norm": 0.0, "dpo_beta": 0.1, "dpo_reference": "global", "save_model_freq": 10,
     "max_control_norm": 1e6,
     # differential privacy (fedllm/privacy/config.py), off by default
+    "secure_aggregation": "off", "secagg_threshold": 0.5, "secagg_neighbours": 0, "secagg_bits": 32,
+    "secagg_clip": 1.0,
     "dp": "off", "dp_clip_norm": "1.0", "dp_noise_multiplier": 1.0, "dp_delta": None, "dp_target_epsilon": None,
     "dp_target_quantile": 0.5, "dp_clip_learning_rate": 0.2, "dp_initial_clip_norm": 0.1,
     "dp_clipped_count_stddev": None, "client_sampling": "uniform",
@@ -238,6 +241,7 @@ def test_options_an_older_state_dir_lacks_had_their_defaults():
 def test_every_option_is_identity_or_operational():
     identity = {f.name for f in dataclasses.fields(FederationIdentityArguments)}
     identity |= {f.name for f in dataclasses.fields(PrivacyArguments)}  # privacy changes what is computed
+    identity |= {f.name for f in dataclasses.fields(SecAggArguments)}  # so does secure aggregation
     hyperparameters = {f.name for config in BUILTIN_CONFIGS.values() for f in dataclasses.fields(config)}
     assert identity | hyperparameters | OPERATIONAL_OPTIONS == set(SERVED_DEFAULTS)
     assert not identity & OPERATIONAL_OPTIONS and not hyperparameters & (identity | OPERATIONAL_OPTIONS)

@@ -210,6 +210,12 @@ def test_responses_of_every_role_conform_to_the_document(checked: tuple[Checked,
     assert not_allowed.status_code == 405 and "GET" in not_allowed.headers["Allow"]
     assert api.call("POST", "/v1/admin/remove_client", ADMIN, json={"client_id": "bob"}).status_code == 200
     assert api.call("GET", "/v1/round", "bob").status_code == 403  # removed
+    # The secure-aggregation stages (tests/test_secagg_http.py) answer 409 on a federation without them.
+    secagg = [api.call("GET", "/v1/secagg", "alice"),
+              api.call("POST", "/v1/secagg/masked?round=1&attempt=0", "alice", data=b"x", template="/v1/secagg/masked")]
+    secagg += [api.call("POST", f"/v1/secagg/{stage}?round=1&attempt=0", "alice", json={},
+                        template=f"/v1/secagg/{stage}") for stage in ("keys", "shares", "unmask")]
+    assert [r.status_code for r in secagg] == [409] * 5
     assert len({path for _method, path, _status in api.checked}) == len(SPEC["paths"])  # every path was exercised
 
 
@@ -241,6 +247,10 @@ def schemathesis_run(url: str, token: str, client_id: str, report_dir: Path) -> 
     return result
 
 
+# The secure-aggregation stages a client posts (the admin, who never acts as a client, is refused them).
+SECAGG_POSTS = [f"POST /v1/secagg/{stage}" for stage in ("keys", "masked", "shares", "unmask")]
+
+
 @pytest.mark.integration
 def test_schemathesis_finds_nothing_against_a_live_gunicorn_server(tiny_model_dir: Path, tmp_path: Path,
                                                                    start_server, capsys) -> None:
@@ -259,7 +269,7 @@ def test_schemathesis_finds_nothing_against_a_live_gunicorn_server(tiny_model_di
     # A client first (it may join and push), then the admin (full views, operator actions; it may remove clients).
     # Each role's refused operations are exactly those it may not call (Schemathesis warns of "missing auth").
     for role, token, client_id, refused in (("client", tokens["alice"], "alice", admin_only),
-                                            ("admin", admin, "dashboard", ["POST /v1/join", "POST /v1/update"])):
+                                            ("admin", admin, "dashboard", ["POST /v1/join", *SECAGG_POSTS, "POST /v1/update"])):
         report = schemathesis_run(server.url, token, client_id, tmp_path / f"schemathesis-{role}")
         assert report["warnings"]["missing_auth"] == refused
         # Every operation but GET /v1/openapi.json, which Schemathesis leaves out as the document it read.

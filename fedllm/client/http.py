@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import io
 import json
 import logging
 import random
@@ -275,6 +276,27 @@ class FederationClient:
         if response.status_code != 202 or not isinstance(answer, dict) or answer.get("accepted") is not True:
             # The client commits the round's algorithm state on a clear "accepted" only.
             raise ServerError(response.status_code, "unexpected answer to an upload", str(answer)[:200])
+        return answer
+
+
+    # --- secure aggregation (fedllm.client.secagg) ---
+    def secagg_view(self) -> dict[str, Any]:
+        return _json(self._request("GET", "/v1/secagg"))
+
+    def secagg_send(self, stage: str, round_number: int, attempt: int, *, message: dict[str, Any] | None = None,
+                    body: bytes | None = None) -> dict[str, Any]:
+        """POST one stage's message (JSON, or the masked input's safetensors ``body``); the server's answer."""
+        path = f"/v1/secagg/{stage}?round={round_number}&attempt={attempt}"
+        if body is None:
+            response = self._request("POST", path, json=message)
+        else:
+            response = self._request("POST", path, body_factory=lambda: io.BytesIO(body),
+                                     headers={"Content-Type": "application/octet-stream"})
+            self.bytes_up += len(body)
+        answer = _json(response)
+        if not isinstance(answer, dict) or answer.get("accepted") is not True:
+            raise ServerError(response.status_code, "unexpected answer to a secure-aggregation message",
+                              str(answer)[:200])
         return answer
 
 

@@ -17,6 +17,7 @@ import logging
 import random
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -206,7 +207,7 @@ def run_client(args: ClientArguments) -> ClientReport:
     report = ClientReport(num_rounds=int(federation["num_rounds"]))
     pending = state.pending()
     if pending is not None:  # trained before a restart; the answer decides whether its state is ours
-        summary = _resend(client, state, pending)
+        summary = _resend(client, state, pending, _sender(client, server_config, output_dir, args.poll_interval))
         if summary is not None:
             report.rounds.append(summary)
     last_seen = None
@@ -227,7 +228,8 @@ def run_client(args: ClientArguments) -> ClientReport:
                 group.share(report)  # the replicas' last message
             return report
         if status["selected"] and not status["submitted"]:
-            summary = _play_round(client, trainer, state, server_config, status["round"], output_dir, group)
+            summary = _play_round(client, trainer, state, server_config, status["round"], output_dir, group,
+                                  _sender(client, server_config, output_dir, args.poll_interval))
             if summary is not None:
                 report.rounds.append(summary)
             continue
@@ -250,7 +252,8 @@ def run_replica(args: ClientArguments, group: ProcessGroup) -> ClientReport:
 
 
 def _play_round(client: FederationClient, trainer: LocalTrainer, state: ClientState, server_config: dict[str, Any],
-                round_number: int, output_dir: Path, group: ProcessGroup | None = None) -> RoundSummary | None:
+                round_number: int, output_dir: Path, group: ProcessGroup | None = None,
+                send: Callable[[PendingUpdate], bool] | None = None) -> RoundSummary | None:
     started = time.time()
     down0, up0 = client.bytes_down, client.bytes_up
     global_path, version, _sha = client.download_global(output_dir / "cache", download_limit(server_config))
@@ -272,21 +275,33 @@ def _play_round(client: FederationClient, trainer: LocalTrainer, state: ClientSt
     body = result.encode(server_config["federation"]["wire_dtype"])
     # num_samples after training: the examples TRL kept, which FedAvg weighs (also when re-sent after a restart).
     pending = state.write_pending(round_number, body, trainer.num_samples, result.state)
-    if not state.deliver(pending, functools.partial(_upload, client)):
+    if not state.deliver(pending, send or functools.partial(_upload, client)):
         return None
     return _summarise(client, round_number, result.metrics, started, down0, up0)
 
 
-def _resend(client: FederationClient, state: ClientState, pending: PendingUpdate) -> RoundSummary | None:
+def _resend(client: FederationClient, state: ClientState, pending: PendingUpdate,
+            send: Callable[[PendingUpdate], bool]) -> RoundSummary | None:
     """Re-send the update trained before a restart; its summary when accepted."""
     started = time.time()
     down0, up0 = client.bytes_down, client.bytes_up
     log.info("round %d: re-sending the update trained before a restart", pending.round,
              extra={"event": "update_resent", "round": pending.round})
     metrics = pending.metrics()
-    if not state.deliver(pending, functools.partial(_upload, client)):
+    if not state.deliver(pending, send):
         return None
     return _summarise(client, pending.round, metrics, started, down0, up0)
+
+
+def _sender(client: FederationClient, server_config: dict[str, Any], output_dir: Path,
+            poll_interval: float) -> Callable[[PendingUpdate], bool]:
+    """How a pending update reaches the server: ``POST /v1/update``, or the SecAgg+ stages when the server says
+    ``--secure_aggregation secagg+`` (no client flag: fedllm.client.secagg)."""
+    if server_config["federation"].get("secure_aggregation", "off") == "off":
+        return functools.partial(_upload, client)
+    from .secagg import SecureUploader
+
+    return SecureUploader(client, server_config, output_dir, poll_interval)
 
 
 def _upload(client: FederationClient, pending: PendingUpdate) -> bool:

@@ -23,6 +23,7 @@ from .dashboard import bp as dashboard_bp
 from .federation import Federation
 from .progress import BackgroundProgress, health
 from .ratelimit import RateLimiter
+from .secagg_http import secagg_blueprint
 from .store import storage_failure
 
 log = logging.getLogger("fedllm.server")
@@ -61,9 +62,12 @@ ERROR_STATUS: dict[type[errors.FederationError], int] = {
     errors.RoundClosed: 409,
     errors.AlreadySubmitted: 409,
     errors.NoRoundToAbort: 409,
+    errors.SecAggStage: 409,
+    errors.SecAggRequired: 409,
     errors.UploadTooLarge: 413,
     errors.InvalidUpdate: 422,
     errors.TooManySamples: 422,
+    errors.SecAggInvalid: 422,
     errors.StorageUnavailable: 503,
 }
 
@@ -134,6 +138,7 @@ def create_app(
     progress = BackgroundProgress(federation, start=start_ticker)
     metrics.install(app, federation, progress)  # first, so its request timer runs before any other before_request
     app.register_blueprint(dashboard_bp)  # GET / and /dashboard/static/*: no data, no auth
+    app.register_blueprint(secagg_blueprint(federation, progress))  # /v1/secagg/*: the secure-aggregation stages
     app.extensions["fedllm"] = {"federation": federation, "progress": progress}
 
     @app.errorhandler(errors.FederationError)

@@ -98,6 +98,27 @@ class InvalidUpdate(FederationError):
     error = "invalid update"
 
 
+# --- secure aggregation (fedllm.server.secure_rounds)
+class SecAggStage(FederationError):
+    """A stage message for another round, attempt or stage (replayed, reordered, late), a second different one,
+    or from a client the stage does not expect."""
+
+    error = "secagg stage"
+
+
+class SecAggInvalid(FederationError):
+    """A stage message that is ill-formed or not what the protocol allows (a share for a non-neighbour, a masked
+    input of the wrong length or ring, ...)."""
+
+    error = "invalid secagg message"
+
+
+class SecAggRequired(FederationError):
+    """A plaintext update sent to a federation that runs secure aggregation."""
+
+    error = "secure aggregation required"
+
+
 # --- the server itself
 class StorageUnavailable(FederationError):
     """The state_dir cannot be written (disk full, read-only, I/O error): retry once the operator fixed it."""

@@ -30,10 +30,11 @@ from ..algorithms import FedAlgorithm, get_algorithm
 from ..config import FederationArguments, federation_changes
 from ..wire import DTYPE_CODE, WIRE_DTYPES
 from .admin import OperatorActions
-from .errors import ClientRemoved, FederationFull
+from .errors import ClientRemoved, FederationFull, SecAggRequired
 from .ingest import UploadIngestor
 from .rounds import PRIVACY_KEY as ROUNDS_PRIVACY_KEY
 from .rounds import RoundEngine
+from .secure_rounds import SecureRounds
 from .store import GlobalRow, Store
 from .versions import GlobalVersions, write_version
 
@@ -102,6 +103,11 @@ class Federation:
                                       self.max_upload_bytes, self.config.max_control_norm,
                                       clip_norm=self.rounds.current_clip_norm)
         self.operator = OperatorActions(store, self.rounds)
+        self.secure: SecureRounds | None = None
+        if self.config.secagg_enabled:
+            self.secure = SecureRounds(store, self.config, self.federation_id, self.upload_spec,
+                                       self.rounds.resample_secure)
+            self.rounds.secure = self.secure
         self._last_seen: dict[str, float] = {}
 
     # ------------------------------------------------------------------ setup
@@ -269,6 +275,9 @@ class Federation:
 
     def receive_update(self, client_id: str, round_number: int, num_samples: int, read, content_length: int | None,
                        claimed_sha256: str | None) -> dict[str, Any]:
+        if self.secure is not None:  # the server never holds a plaintext update
+            raise SecAggRequired("this federation runs --secure_aggregation secagg+: send the masked input through "
+                                 "the /v1/secagg stages (the fedllm client does this by itself)")
         return self.uploads.receive(client_id, round_number, num_samples, read, content_length, claimed_sha256)
 
     def tick(self) -> bool:

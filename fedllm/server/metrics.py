@@ -22,7 +22,9 @@ What is measured:
 * read from the store at scrape time: ``fedllm_round``, ``fedllm_num_rounds``,
   ``fedllm_rounds_completed``, ``fedllm_phase{phase}``, ``fedllm_clients_known``,
   ``fedllm_clients_expected``, ``fedllm_clients_sampled``, ``fedllm_round_updates_received``,
-  ``fedllm_global_version``, ``fedllm_paused``, ``fedllm_dp_epsilon`` (with ``--dp``), ``fedllm_last_train_loss``, ``fedllm_last_eval_loss``.
+  ``fedllm_global_version``, ``fedllm_paused``, ``fedllm_dp_epsilon`` (with ``--dp``), ``fedllm_last_train_loss``, ``fedllm_last_eval_loss``;
+  with ``--secure_aggregation``: ``fedllm_secagg_stage{stage}``, ``fedllm_secagg_dropped{stage}``,
+  ``fedllm_secagg_clients_in_stage``.
 """
 
 from __future__ import annotations
@@ -148,6 +150,18 @@ class FederationCollector:
             gauge("fedllm_degraded", "1 while background progress is failing (see /healthz for the reason).",
                   float(health(self.federation.store, self.progress)["status"] != "ok")),
         ]
+        secagg = status.get("secagg")
+        if secagg is not None:  # --secure_aggregation: the open stage, and who dropped at which stage
+            stage = GaugeMetricFamily("fedllm_secagg_stage", "1 for the round's open secure-aggregation stage.",
+                                      labels=["stage"])
+            for name in ("advertise", "share", "masked", "unmask", "done", "failed"):
+                stage.add_metric([name], 1.0 if secagg["stage"] == name else 0.0)
+            dropped = GaugeMetricFamily("fedllm_secagg_dropped", "Clients of the round's attempt that did not "
+                                        "answer a secure-aggregation stage.", labels=["stage"])
+            for name in ("advertise", "share", "masked", "unmask"):
+                dropped.add_metric([name], float(secagg["dropped"].get(name, 0)))
+            families += [stage, dropped, gauge("fedllm_secagg_clients_in_stage", "Clients the open secure-aggregation "
+                                               "stage waits for.", secagg["clients_in_stage"])]
         yield from (f for f in families if f is not None)
 
 

@@ -161,6 +161,7 @@ def _schemas() -> dict[str, Schema]:
                 "selected": {"type": "boolean", "description": "the calling client is to train now"},
                 "submitted": {"type": "boolean", "description": "the calling client's update is in"},
                 "joined": {"type": "boolean", "description": "the calling client has joined"},
+                "secagg": {**_ref("SecAggStatus"), "description": "--secure_aggregation secagg+ only"},
             },
             "anyOf": [{"required": ["sampled", "received"]}, {"required": ["num_sampled", "num_received"]}],
         },
@@ -205,6 +206,8 @@ def _schemas() -> dict[str, Schema]:
                 "metrics": {"type": "object", "additionalProperties": {"type": "object",
                                                                         "additionalProperties": number},
                             "description": "client id -> its reported metrics; a client token: its own only"},
+                "secagg": {"type": "object", "description": "--secure_aggregation: the round's last stage status "
+                                                            "and the unmasked weight fraction"},
             },
             "anyOf": [{"required": ["participants"]}, {"required": ["num_participants"]}],
         },
@@ -227,6 +230,69 @@ def _schemas() -> dict[str, Schema]:
             "action": {"type": "string", "description": "pause, resume, abort_round, remove_client, rejoin, "
                                                         "settings_changed, finished_early, ..."},
             "detail": {"type": "object"}}},
+        **_secagg_schemas(),
+    }
+
+
+def _secagg_schemas() -> dict[str, Schema]:
+    stage = {"type": ["string", "null"], "enum": ["advertise", "share", "masked", "unmask", "done", "failed", None]}
+    clients = {"type": "array", "items": CLIENT_ID}
+    return {
+        "SecAggStatus": {"type": "object", "required": ["stage", "clients_in_stage", "dropped"], "properties": {
+            "stage": stage, "attempt": _nullable(COUNT), "clients_in_stage": COUNT, "answered": COUNT,
+            "threshold": COUNT, "neighbours": COUNT,
+            "dropped": {"type": "object", "additionalProperties": COUNT,
+                        "description": "stage -> how many of its clients did not answer it"}}},
+        "SecAggView": {"type": "object", "required": ["round", "stage"], "properties": {
+            "round": COUNT, "stage": stage, "attempt": COUNT, "deadline": _nullable(NUMBER),
+            "setup": {"type": "object", "description": "the attempt: clients, weights, neighbours k, threshold, "
+                                                       "bits, clip, length"},
+            "expected": {"type": "boolean", "description": "the open stage waits for the calling client"},
+            "answered": {"type": "boolean"},
+            "keys": {"type": "object", "description": "share stage: the public keys of the caller's neighbours"},
+            "u2": {**clients, "description": "masked stage: the clients that sent shares"},
+            "shares": {"type": "object", "description": "masked stage: sender -> ciphertext for the caller (hex)"},
+            "u3": {**clients, "description": "unmask stage: the clients whose masked inputs are summed"}}},
+        "SecAggAccepted": {"type": "object", "required": ["accepted", "duplicate", "round", "attempt", "stage"],
+                           "properties": {"accepted": {"type": "boolean"},
+                                          "duplicate": {"type": "boolean", "description": "an identical retry"},
+                                          "round": COUNT, "attempt": COUNT, "stage": stage}},
+    }
+
+
+def _secagg_paths() -> dict[str, Any]:
+    """``/v1/secagg/*``: the SecAgg+ stages (fedllm.server.secagg_http); 409 on a federation without them."""
+    accepted = {"200": _json(_ref("SecAggAccepted"), "stored before this answer, or an identical retry")}
+    posting = (*IDENTIFIED, errors.InvalidRound, errors.SecAggStage, errors.SecAggInvalid)
+    parameters = [{"name": name, "in": "query", "required": True, "description": what,
+                   "schema": {"type": "integer", "minimum": 0, "maximum": app.MAX_NUM_SAMPLES}}
+                  for name, what in (("round", "the round"), ("attempt", "the round's attempt"))]
+    json_body = {"required": True, "content": {JSON: {"schema": {"type": "object"}}}}
+
+    def stage(operation_id: str, summary: str) -> dict[str, Any]:
+        return {"post": _operation(operation_id, summary, CLIENT_SECURITY, dict(accepted),
+                                   [*posting, errors.BadJson, "request entity too large"], parameters=parameters,
+                                   requestBody=json_body)}
+
+    return {
+        "/v1/secagg": {"get": _operation(
+            "secagg.secagg_view", "What the calling client needs for the open secure-aggregation stage",
+            CLIENT_SECURITY, {"200": _json(_ref("SecAggView"), "the stage and the caller's part of it")},
+            [*IDENTIFIED, errors.SecAggStage])},
+        "/v1/secagg/keys": stage("secagg.secagg_keys", "Stage 1: the caller's two X25519 public keys "
+                                                       '{"c_pk": hex, "s_pk": hex}'),
+        "/v1/secagg/shares": stage("secagg.secagg_shares", 'Stage 2: {"shares": {neighbour: AES-GCM ciphertext '
+                                                           "(hex)}} of the caller's Shamir shares"),
+        "/v1/secagg/unmask": stage("secagg.secagg_unmask", 'Stage 4: {"b": {client: share}, "s": {client: share}} '
+                                                           "for the survivors' self-masks and the dropped clients' "
+                                                           "mask keys"),
+        "/v1/secagg/masked": {"post": _operation(
+            "secagg.secagg_masked", "Stage 3: the caller's masked input, a safetensors file of one ring tensor",
+            CLIENT_SECURITY, dict(accepted), [*posting, errors.UploadTooLarge], parameters=parameters,
+            requestBody={"required": True, "description": "tensor 'masked' (uint32 or uint64, the setup's length); "
+                                                          "metadata 'excluded': neighbours whose shares failed "
+                                                          "authentication",
+                         "content": {"application/octet-stream": {"schema": BINARY}}})},
     }
 
 
@@ -283,7 +349,7 @@ def _paths() -> dict[str, Any]:
             [*IDENTIFIED, errors.InvalidRound, errors.InvalidHeader, errors.MalformedUpdate, errors.ChecksumMismatch,
              errors.TruncatedBody, errors.NotJoined, errors.NoOpenRound, errors.WrongRound, errors.NotSampled,
              errors.RoundClosed, errors.AlreadySubmitted, errors.UploadTooLarge, errors.InvalidUpdate,
-             errors.TooManySamples],
+             errors.TooManySamples, errors.SecAggRequired],
             parameters=[
                 {"name": "round", "in": "query", "required": True, "description": "the round the update is for",
                  "schema": {"type": "integer", "minimum": 0, "maximum": app.MAX_NUM_SAMPLES}},
@@ -325,6 +391,7 @@ def _paths() -> dict[str, Any]:
         "/v1/admin/events": {"get": _operation(
             "admin_events", "The audit log, newest first (admin)", ADMIN_SECURITY,
             {"200": _json({"type": "array", "items": _ref("Event")}, "the latest 1000 events")}, admin)},
+        **_secagg_paths(),
     }
 
 

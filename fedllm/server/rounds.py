@@ -36,6 +36,7 @@ from ..faults import fault_point
 from ..wire import all_finite
 from .errors import NoOpenRound, NotSampled, RoundClosed, WrongRound
 from .sampler import ClientSampler
+from .secure_rounds import SecureRounds, aggregate_secure_mean
 from .store import RoundRow, Store, UpdateRow
 from .versions import FileUpdate, GlobalVersions
 
@@ -62,6 +63,7 @@ class RoundEngine:
         # (FedAlgorithm.absorb_discarded), so the server's state keeps mirroring the clients'.
         self.carries_client_state = carries_client_state
         self.after_aggregation: list[Callable[[int], None]] = []
+        self.secure: SecureRounds | None = None  # --secure_aggregation: the stages of each round (Federation sets it)
         self.accountant = None
         if config.dp_enabled:
             from ..privacy.accountant import accountant_for  # dp-accounting only where DP is on
@@ -105,11 +107,15 @@ class RoundEngine:
         privacy = self.privacy_status(db)
         if privacy is not None:
             status["dp"] = privacy
+        if self.secure is not None:
+            status["secagg"] = self.secure.status(current)
         if client_id is not None:
             # A paused federation starts no training; an update already under way is still accepted.
             status["selected"] = bool(status["phase"] == "training" and current.status == "training"
                                       and client_id in current.sampled and not status["paused"])
             status["submitted"] = client_id in received
+            if self.secure is not None:  # its masked input is in (the unmasking it then answers is its own job)
+                status["submitted"] = self.secure.submitted(current, client_id)
             status["joined"] = client_id in clients
         return status
 
@@ -227,7 +233,10 @@ class RoundEngine:
         if current.status == "aggregated":  # a federation restarted with more --num_rounds goes on
             self._start_next(current.round)
             return False
-        if current.status == "training" and current.deadline is not None and time.time() > current.deadline:
+        if self.secure is not None:  # secure aggregation: every stage has its own deadline and closing rule
+            self.secure.tick(current)
+            current = self.store.current_round(db)
+        elif current.status == "training" and current.deadline is not None and time.time() > current.deadline:
             self._close_at_deadline(current.round)
             current = self.store.current_round(db)
         if current.status == "closed":
@@ -299,8 +308,16 @@ class RoundEngine:
             rows = self._eligible_updates(db, current)
             carried = self.store.carried(db)
             adapter, state = self.versions.load(self.store.latest_global(db))
-            updates = [FileUpdate(r, self.store.resolve(r.path)) for r in rows]
-            new_adapter, new_state = run_aggregation(self.algorithm, adapter, updates, state)
+            if self.secure is not None:  # the survivors' masked inputs, unmasked as one sum: no update row exists
+                unmasked = self.secure.mean_delta(current.round)
+                if unmasked is None:  # the shares did not rebuild the masks: the round re-runs
+                    return False
+                mean, participants, weight = unmasked
+                new_adapter, new_state = aggregate_secure_mean(self.algorithm, self.config, adapter, mean,
+                                                               len(participants), state)
+            else:
+                updates = [FileUpdate(r, self.store.resolve(r.path)) for r in rows]
+                new_adapter, new_state = run_aggregation(self.algorithm, adapter, updates, state)
             if carried:
                 new_state = self.algorithm.absorb_discarded(
                     new_state, [FileUpdate(r, self.store.resolve(r.path)) for r in carried])
@@ -319,6 +336,8 @@ class RoundEngine:
                 self.versions.export(new_adapter, f"round_{version}")
             fault_point("aggregate.files_written")
             record = history_record(current, rows, row.version, row.sha256, time.time() - started)
+            if self.secure is not None:
+                record.update(participants=participants, secagg={**self.secure.status(current), "weight": weight})
             privacy = self._privacy_record(version, state, new_state)
             record.update({k: v for k, v in privacy.items() if k != "dp_next_clip_norm"})
             with self.store.transaction() as db:
@@ -343,6 +362,8 @@ class RoundEngine:
             log.info("round %d aggregated: %d updates, train_loss %s, %.2fs", version, len(rows),
                      record["train_loss"], record["aggregation_seconds"])
         self.versions.prune(version)
+        if self.secure is not None:
+            self.secure.forget(version)
         for hook in self.after_aggregation:
             hook(version)
         return True
@@ -388,6 +409,14 @@ class RoundEngine:
             self.store.resolve(path).unlink(missing_ok=True)
         log.error("round %d aborted: %s; %d updates discarded, re-sampled %s", closed.round, reason, discarded,
                   sampled)
+
+    def resample_secure(self, db, round_number: int, clients: list[str]) -> list[str]:
+        """A failed secure-aggregation attempt: re-run the round with ``clients``, or none given, a fresh draw."""
+        current = self.store.get_round(db, round_number)
+        if clients:
+            self.store.set_sampled(db, round_number, clients, self._deadline())
+            return clients
+        return self.redraw(db, current)
 
     def _eligible_updates(self, db, current: RoundRow) -> list[UpdateRow]:
         """The round's updates from clients that are still sampled and eligible."""

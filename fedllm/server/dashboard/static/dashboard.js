@@ -216,6 +216,12 @@ function drawHeader(round, history) {
       text += `, budget ${round.dp.rounds_allowed} rounds`;
     }
   }
+  if (round.secagg && round.secagg.stage) {  // secure aggregation: the open stage, and who dropped where
+    const dropped = Object.entries(round.secagg.dropped || {}).filter(([, n]) => n > 0)
+      .map(([stage, n]) => `${n} at ${stage}`).join(", ");
+    text += ` · SecAgg+ stage ${round.secagg.stage} (${round.secagg.answered ?? 0}/${round.secagg.clients_in_stage})`;
+    if (dropped) text += `, dropped ${dropped}`;
+  }
   $("progress-text").textContent = text;
 }
 

@@ -1,0 +1,145 @@
+"""The client's side of secure aggregation: run the round's SecAgg+ stages for a trained update.
+
+When ``/v1/config`` says ``--secure_aggregation secagg+`` the runner hands its pending update here instead of
+``POST /v1/update``: the client advertises keys, sends its encrypted shares, uploads the masked input and answers
+the unmasking, polling ``GET /v1/secagg`` between stages. Its secrets (private keys, self-mask seed, the shares
+it holds) are kept in ``output_dir/secagg/rNNNNNN.aAA.json`` (written atomically before each message is sent),
+so a restarted client re-joins the stage it was in with the same keys. Everything the server sends is checked:
+the setup must be this federation's, round and tensor layout, with the served bits and clip.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from safetensors import safe_open
+
+from ..fsutil import atomic_write_bytes
+from ..secagg.encoding import FixedPoint
+from ..secagg.protocol import ClientRound, ProtocolError, RoundSetup
+from ..secagg.wire import masked_file
+from .http import FederationClient, ServerError
+from .trust import UntrustedServerError
+
+log = logging.getLogger("fedllm.client")
+
+
+class SecureUploader:
+    """Delivers one pending update through the SecAgg+ stages (``send`` of :meth:`ClientState.deliver`)."""
+
+    def __init__(self, client: FederationClient, server_config: Mapping[str, Any], folder: Path,
+                 poll_interval: float = 1.0):
+        self.client = client
+        self.config = server_config
+        self.federation = server_config["federation"]
+        self.names = sorted(server_config["upload_tensors"])
+        self.length = sum(int(np.prod(s)) for s in server_config["upload_tensors"].values()) + 1
+        self.folder = Path(folder) / "secagg"
+        self.poll_interval = poll_interval
+
+    def __call__(self, pending: Any) -> bool:
+        """True once this client's part of the round is done (unmasking answered); False when the round went on
+        without it (it was dropped, or the round moved on)."""
+        while (finished := self.step(pending)) is None:
+            time.sleep(self.poll_interval)
+        return finished
+
+    def step(self, pending: Any) -> bool | None:
+        """Look at the open stage once and answer it if it is this client's turn; None while not finished."""
+        view = self.client.secagg_view()
+        stage = view.get("stage")
+        if view.get("round") != pending.round or stage is None:
+            answered = any("unmask_sent" in json.loads(p.read_text())
+                           for p in self.folder.glob(f"r{pending.round:06d}.a*.json"))
+            if not answered:
+                log.warning("round %d: the round moved on without this client's masked input", pending.round)
+            return answered
+        setup = self._check_setup(view, pending.round)
+        if stage == "done":
+            return True
+        if stage == "failed" or (view.get("answered") and stage != "unmask"):
+            return None  # the others' turn, or the server starting the next attempt
+        if self.client.client_id not in setup.clients or not view.get("expected"):
+            log.warning("round %d: dropped from secure aggregation in stage %s", pending.round, stage,
+                        extra={"event": "secagg_dropped", "round": pending.round, "stage": stage})
+            return False
+        if not view.get("answered"):
+            party = ClientRound(self.client.client_id, setup, self._load(setup))
+            try:
+                self._answer(party, stage, view, pending)
+            except ServerError as exc:
+                if exc.status != 409:
+                    raise
+                log.info("round %d: %s not taken (%s); looking again", pending.round, stage, exc.detail)
+                return None
+        return True if stage == "unmask" else None
+
+    def _answer(self, party: ClientRound, stage: str, view: Mapping[str, Any], pending: Any) -> None:
+        setup = party.setup
+        try:
+            if stage == "advertise":
+                message: Any = party.advertise()
+            elif stage == "share":
+                message = party.share(view.get("keys") or {})
+            elif stage == "masked":
+                encoded = self._encode(pending.update_path, setup)
+                masked, excluded = party.masked_input(view.get("u2") or [], view.get("shares") or {}, encoded)
+                if excluded:
+                    log.warning("round %d: shares of %s failed authentication; they are dropped", setup.round,
+                                excluded)
+                message = masked_file(masked, excluded)
+            else:
+                message = party.unmask(view.get("u3") or [])
+        except ProtocolError as exc:
+            raise UntrustedServerError(f"secure aggregation, stage {stage}: {exc}") from None
+        self._save(party)  # before sending: a restart sends the same keys and shares again
+        endpoint = {"advertise": "keys", "share": "shares", "masked": "masked", "unmask": "unmask"}[stage]
+        if stage == "masked":
+            self.client.secagg_send(endpoint, setup.round, setup.attempt, body=message)
+        else:
+            self.client.secagg_send(endpoint, setup.round, setup.attempt, message=message)
+        log.info("round %d attempt %d: sent %s", setup.round, setup.attempt, endpoint,
+                 extra={"event": "secagg_sent", "round": setup.round, "stage": stage})
+
+    def _check_setup(self, view: Mapping[str, Any], round_number: int) -> RoundSetup:
+        try:
+            setup = RoundSetup.from_json(view.get("setup") or {})
+        except ProtocolError as exc:
+            raise UntrustedServerError(f"secure aggregation setup: {exc}") from None
+        expected = {"context": self.config["federation_id"], "round": round_number, "length": self.length,
+                    "bits": self.federation["secagg_bits"], "clip": self.federation["secagg_clip"],
+                    "threshold_spec": self.federation["secagg_threshold"]}
+        wrong = {k: getattr(setup, k) for k, v in expected.items() if getattr(setup, k) != v}
+        if wrong or view.get("attempt") != setup.attempt:
+            raise UntrustedServerError(f"the secure-aggregation setup differs from this federation's: {wrong}")
+        return setup
+
+    def _encode(self, update_path: Path, setup: RoundSetup) -> np.ndarray:
+        """The pending update (its adapter tensors and extras, in the served order) as ring elements."""
+        with safe_open(str(update_path), framework="pt") as f:
+            flat = np.concatenate([f.get_tensor(n).float().numpy().ravel() for n in self.names])
+        encoded, clipped = FixedPoint(setup.bits, setup.clip).encode(flat, setup.weights[self.client.client_id])
+        if clipped:
+            log.warning("round %d: %d coordinates of the update were outside ±%g and clipped (--secagg_clip)",
+                        setup.round, clipped, setup.clip)
+        return encoded
+
+    def _path(self, setup: RoundSetup) -> Path:
+        return self.folder / f"r{setup.round:06d}.a{setup.attempt:02d}.json"
+
+    def _load(self, setup: RoundSetup) -> dict[str, Any] | None:
+        path = self._path(setup)
+        return json.loads(path.read_text()) if path.exists() else None
+
+    def _save(self, party: ClientRound) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(self._path(party.setup), json.dumps(party.state_dict()).encode())
+        for old in self.folder.glob("r*.json"):  # secrets of finished rounds are of no use to anyone
+            if int(old.name[1:7]) < party.setup.round:
+                old.unlink(missing_ok=True)
