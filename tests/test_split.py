@@ -21,15 +21,14 @@ from fedllm.split.model import (
     build_part_model,
 )
 from fedllm.split.step import Batch, SplitEnds, SplitMiddle, new_optimizer, set_part_adapter_tensors, split_step
-from fedllm.tiny import build_tiny_llama
 
 STEPS = 4
 LEARNING_RATE = 5e-3
 
 
-@pytest.fixture(scope="module")
-def tiny4(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_tiny_llama(tmp_path_factory.mktemp("tiny4"), seed=0, num_hidden_layers=4)
+@pytest.fixture
+def tiny4(tiny4_model_dir: Path) -> Path:
+    return tiny4_model_dir
 
 
 def _batches(seed: int, n: int, vocab_size: int) -> list[Batch]:

@@ -42,7 +42,7 @@ from ..server.rounds import RoundEngine
 from .errors import InvalidActivations, MalformedActivations, StepOutOfOrder
 from .messages import MessageError, MessageShape, decode_forward, decode_tensor, encode_tensor
 from .model import MIDDLE, SERVER_PARTS, MaskInfo, SplitPlan, build_part_model
-from .step import SplitMiddle, set_learning_rate, set_part_adapter_tensors
+from .step import SplitMiddle, load_optimizer_tensors, optimizer_tensors, set_learning_rate, set_part_adapter_tensors
 
 log = logging.getLogger("fedllm.server")
 
@@ -209,11 +209,8 @@ class MiddleService:
     # ------------------------------------------------------------------ durability
     def _checkpoint(self) -> None:
         """The middle's LoRA, its AdamW state and the clients' progress, in one file written atomically."""
-        tensors = {f"lora/{k}": v for k, v in self.middle.adapter().items()}
-        optimizer_state = self.middle.optimizer.state_dict()
-        for index, state in optimizer_state["state"].items():
-            for key, value in state.items():
-                tensors[f"adam/{index}/{key}"] = torch.as_tensor(value, dtype=torch.float32).clone()
+        tensors = {**{f"lora/{k}": v for k, v in self.middle.adapter().items()},
+                   **optimizer_tensors(self.middle.optimizer)}
         metadata = {"progress": json.dumps(self.progress), "completed_steps": str(self.completed_steps),
                     "version": str(self.middle.version)}
         atomic_write(self.folder / CHECKPOINT, lambda tmp: save_file(tensors, tmp, metadata=metadata))
@@ -227,14 +224,7 @@ class MiddleService:
         tensors = load_file(str(path))
         lora = {k.removeprefix("lora/"): v for k, v in tensors.items() if k.startswith("lora/")}
         set_part_adapter_tensors(self.middle.model, self.plan, SERVER_PARTS, lora)
-        state_dict = self.middle.optimizer.state_dict()
-        restored: dict[int, dict[str, torch.Tensor]] = {}
-        for name, value in tensors.items():
-            if name.startswith("adam/"):
-                _, index, key = name.split("/")
-                restored.setdefault(int(index), {})[key] = value
-        state_dict["state"] = restored
-        self.middle.optimizer.load_state_dict(state_dict)
+        load_optimizer_tensors(self.middle.optimizer, tensors)
         self.progress = {k: (int(v[0]), int(v[1])) for k, v in json.loads(metadata.get("progress", "{}")).items()}
         self.completed_steps = int(metadata.get("completed_steps", "0"))
         self.middle.version = int(metadata.get("version", "0"))

@@ -55,6 +55,25 @@ def set_part_adapter_tensors(model: PeftModel, plan: SplitPlan, parts: Iterable[
         raise ValueError(f"adapter tensors were not used by the model: {result.unexpected_keys[:3]}")
 
 
+def optimizer_tensors(optimizer: torch.optim.Optimizer, prefix: str = "adam") -> dict[str, torch.Tensor]:
+    """An optimizer's per-parameter state as named float32 tensors (safetensors, no pickle)."""
+    return {f"{prefix}/{index}/{key}": torch.as_tensor(value, dtype=torch.float32).detach().clone()
+            for index, state in optimizer.state_dict()["state"].items() for key, value in state.items()}
+
+
+def load_optimizer_tensors(optimizer: torch.optim.Optimizer, tensors: Mapping[str, torch.Tensor],
+                           prefix: str = "adam") -> None:
+    """Restore what :func:`optimizer_tensors` wrote (the hyperparameters stay the optimizer's own)."""
+    state_dict = optimizer.state_dict()
+    restored: dict[int, dict[str, torch.Tensor]] = {}
+    for name, value in tensors.items():
+        if name.startswith(f"{prefix}/"):
+            _, index, key = name.split("/")
+            restored.setdefault(int(index), {})[key] = value
+    state_dict["state"] = restored
+    optimizer.load_state_dict(state_dict)
+
+
 def trainable(model: PeftModel) -> list[torch.nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 

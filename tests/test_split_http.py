@@ -1,0 +1,132 @@
+"""Split learning over HTTP: the middle service's refusals and restart, the client's bytes, a gunicorn federation."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load as load_bytes
+from safetensors.torch import save as save_bytes
+
+from fedllm.config import FederationArguments
+from fedllm.server.app import create_app
+from fedllm.server.federation import Federation
+from fedllm.server.store import Store
+from fedllm.split.model import MaskInfo
+
+pytestmark = pytest.mark.integration  # the middle takes optimizer steps; the federations start processes
+
+HIDDEN = 64  # the tiny Llama's
+
+
+def split_config(model_dir: Path, **overrides) -> FederationArguments:
+    settings = dict(model_name_or_path=str(model_dir), fed_mode="split", split_head_layers=1, split_tail_layers=1,
+                    num_clients=2, sample_clients=2, num_rounds=2, max_steps=3, learning_rate=0.01, peft_lora_r=4,
+                    peft_lora_alpha=8, peft_lora_dropout=0.0, seq_length=32, round_timeout=0, save_model_freq=1,
+                    seed=5)
+    settings.update(overrides)
+    return FederationArguments(**settings)
+
+
+@pytest.fixture(scope="module")
+def split_state(tiny4_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("split-state") / "state"
+    Federation.initialize(split_config(tiny4_model_dir), root)
+    store = Store(root)
+    federation = Federation(store)
+    federation.join("alice", 10)
+    federation.join("bob", 10)  # round 1 opens with both sampled
+    store.close()
+    return root
+
+
+def forward_body(batch: int = 2, seq_len: int = 8, dtype: torch.dtype = torch.float32, **replace) -> bytes:
+    mask = MaskInfo.from_attention_mask(torch.ones(batch, seq_len, dtype=torch.long))
+    tensors = {"hidden": torch.randn(batch, seq_len, HIDDEN, dtype=dtype), **mask.tensors()}
+    tensors.update(replace)
+    return save_bytes(tensors)
+
+
+def grad_body(batch: int = 2, seq_len: int = 8) -> bytes:
+    return save_bytes({"grad": torch.randn(batch, seq_len, HIDDEN)})
+
+
+def post(http, kind: str, step: int, body: bytes, client: str = "alice", round_number: int = 1):
+    return http.post(f"/v1/split/{kind}?round={round_number}&step={step}", data=body,
+                     headers={"X-FedLLM-Client": client, "Content-Type": "application/octet-stream"})
+
+
+def test_the_middle_refuses_bad_messages_and_replays_and_continues_after_a_restart(split_state: Path,
+                                                                                   tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    shutil.copytree(split_state, state)
+    federation = Federation(Store(state))
+    http = create_app(federation, start_ticker=False).test_client()
+    headers = {"X-FedLLM-Client": "alice"}
+    assert http.get("/v1/split/step?round=1", headers=headers).get_json() == {
+        "round": 1, "next_step": 1, "max_steps": 3}
+
+    def error(response, status: int) -> str:
+        assert response.status_code == status, response.get_data(as_text=True)
+        return response.get_json()["error"] + ": " + response.get_json()["detail"]
+
+    # Wrong shape, dtype, values, names: refused, nothing pending afterwards.
+    assert "hidden_size 64" in error(post(http, "forward", 1, save_bytes({
+        "hidden": torch.randn(2, 8, 32), **MaskInfo.from_attention_mask(torch.ones(2, 8, dtype=torch.long)).tensors()
+    })), 422)
+    assert "dtype torch.float16" in error(post(http, "forward", 1, forward_body(dtype=torch.float16)), 422)
+    assert "NaN" in error(post(http, "forward", 1, forward_body(hidden=torch.full((2, 8, HIDDEN), float("nan")))),
+                          422)
+    assert "--seq_length 32" in error(post(http, "forward", 1, forward_body(seq_len=40)), 422)
+    assert "position_ids must be in" in error(post(http, "forward", 1, forward_body(
+        position_ids=torch.full((2, 8), 10**6, dtype=torch.long))), 422)
+    assert "span" in error(post(http, "forward", 1, forward_body(lengths=torch.tensor([9, 8]))), 422)
+    assert "expected the tensors" in error(post(http, "forward", 1, save_bytes({"input_ids": torch.zeros(2, 8)})),
+                                           400)
+    assert "not a valid safetensors" in error(post(http, "forward", 1, b"\x00" * 40), 400)
+    # A gradient for a step the server does not have; steps out of order; a client not in the round.
+    assert "no forward of step 1" in error(post(http, "backward", 1, grad_body()), 409)
+    assert "not the next one" in error(post(http, "forward", 2, forward_body()), 409)
+    assert error(post(http, "forward", 1, forward_body(), round_number=2), 409).startswith("wrong round")
+    assert error(post(http, "forward", 1, forward_body(), client="zed"), 409).startswith("not sampled")
+    assert error(http.post("/v1/split/forward?round=1", headers=headers, data=b""), 400).startswith(
+        "invalid split step")
+
+    # Step 1 done; its backward retried identically gets the same answer, with another body it is refused.
+    answer = post(http, "forward", 1, forward_body())
+    assert answer.status_code == 200 and load_bytes(answer.data)["hidden"].shape == (2, 8, HIDDEN)
+    assert "shape [2, 4, 64], expected [2, 8, 64]" in error(post(http, "backward", 1, grad_body(seq_len=4)), 422)
+    gradient = grad_body()
+    first = post(http, "backward", 1, gradient)
+    assert first.status_code == 200 and torch.isfinite(load_bytes(first.data)["grad"]).all()
+    assert post(http, "backward", 1, gradient).data == first.data
+    assert "no forward of step 1" in error(post(http, "backward", 1, grad_body()), 409)
+    assert "a replay" in error(post(http, "forward", 1, forward_body()), 409)
+    # Another client's step between bob's forward and backward: bob's graph is recomputed, not refused.
+    assert post(http, "forward", 1, forward_body(), client="bob").status_code == 200
+    assert post(http, "forward", 2, forward_body()).status_code == 200
+    assert post(http, "backward", 2, grad_body()).status_code == 200
+    assert post(http, "backward", 1, grad_body(), client="bob").status_code == 200
+    middle = http.application.extensions["fedllm"]["split"].middle.adapter()
+    federation.store.close()
+
+    # A restarted server (checkpoint every step here) continues the round where it was, with the same middle.
+    restarted = Federation(Store(state))
+    http = create_app(restarted, start_ticker=False).test_client()
+    assert http.get("/v1/split/step?round=1", headers=headers).get_json()["next_step"] == 3
+    assert http.get("/v1/split/step?round=1", headers={"X-FedLLM-Client": "bob"}).get_json()["next_step"] == 2
+    service = http.application.extensions["fedllm"]["split"]
+    assert all(torch.equal(service.middle.adapter()[k], v) for k, v in middle.items())
+    assert service.middle.optimizer.state  # the AdamW moments came back too
+    restarted.store.close()
+
+
+def test_a_split_federation_serves_only_the_ends_as_its_global_adapter(split_state: Path) -> None:
+    federation = Federation(Store(split_state))
+    config = federation.client_config()
+    layers = {int(name.split(".layers.")[1].split(".")[0]) for name in config["adapter"]}
+    assert layers == {0, 3}  # head block 0 and tail block 3 of 4; the middle (1, 2) is the server's alone
+    assert config["federation"]["fed_mode"] == "split"
+    federation.store.close()
