@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
+import requests
 import torch
 from safetensors.torch import load as load_bytes
 from safetensors.torch import save as save_bytes
@@ -130,3 +132,109 @@ def test_a_split_federation_serves_only_the_ends_as_its_global_adapter(split_sta
     assert layers == {0, 3}  # head block 0 and tail block 3 of 4; the middle (1, 2) is the server's alone
     assert config["federation"]["fed_mode"] == "split"
     federation.store.close()
+
+
+def server_args(model_dir: Path, state_dir: Path, **overrides) -> list[str]:
+    settings = {"model_name_or_path": model_dir, "state_dir": state_dir, "fed_mode": "split", "split_head_layers": 1,
+                "split_tail_layers": 1, "num_clients": 2, "sample_clients": 2, "num_rounds": 3, "max_steps": 6,
+                "learning_rate": 0.02, "peft_lora_r": 4, "peft_lora_alpha": 8, "seq_length": 96,
+                "target_modules": "q_proj,v_proj,o_proj", "workers": 2, "threads": 4, "seed": 7, "rate_limit": 0}
+    settings.update(overrides)
+    return [arg for key, value in settings.items() for arg in (f"--{key}", str(value))]
+
+
+def run_federation(server, data: list[Path], tmp_path: Path, extra: list[str] = ()) -> None:
+    from .conftest import run_client_process
+
+    clients = {f"client{i}": run_client_process(
+        ["--server_url", server.url, "--client_id", f"client{i}", "--dataset_name", str(path), "--batch_size", "4",
+         "--output_dir", str(tmp_path / f"client{i}"), "--quiet", "true", "--poll_interval", "0.2",
+         "--max_poll_interval", "1", *extra],
+        tmp_path / f"client{i}.log", env={"OMP_NUM_THREADS": "1"}) for i, path in enumerate(data)}
+    for name, proc in clients.items():
+        try:
+            assert proc.wait(timeout=400) == 0, (tmp_path / f"{name}.log").read_text()[-3000:]
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            pytest.fail(f"{name} did not finish:\n{(tmp_path / f'{name}.log').read_text()[-3000:]}\n"
+                        f"{server.log()[-3000:]}")
+
+
+def test_a_two_client_split_federation_over_gunicorn_trains(tiny4_model_dir: Path, tmp_path: Path,
+                                                            start_server) -> None:
+    from fedllm.data import write_demo_data
+
+    server = start_server(server_args(tiny4_model_dir, tmp_path / "state", num_rounds=2, max_steps=5))
+    data = write_demo_data(tmp_path / "data", num_clients=2, rows_per_client=20, seed=1)
+    run_federation(server, data, tmp_path)
+
+    assert "serving with 1 gunicorn worker" in server.log()
+    headers = {"X-FedLLM-Client": "client0"}
+    history = requests.get(server.url + "/v1/history", headers=headers).json()
+    assert [h["round"] for h in history] == [1, 2]
+    losses = [h["train_loss"] for h in history]
+    print("split federation train_loss per round:", losses)
+    assert losses[-1] < losses[0], losses
+    # Each client kept the federation's head and tail; the middle stayed in the server's state_dir.
+    final = tmp_path / "state" / "adapters" / "final" / "adapter_model.safetensors"
+    for name in ("client0", "client1"):
+        assert (tmp_path / name / "final_adapter" / "adapter_model.safetensors").read_bytes() == final.read_bytes()
+    assert (tmp_path / "state" / "split" / "middle.safetensors").exists()
+
+
+def test_no_token_label_or_text_of_the_clients_data_is_in_its_requests(tiny4_model_dir: Path, tmp_path: Path,
+                                                                       start_server, monkeypatch,
+                                                                       restore_logging) -> None:
+    import json
+
+    from transformers import AutoTokenizer
+
+    from fedllm.client.runner import run_client
+    from fedllm.config import ClientArguments
+    from fedllm.data import load_sft_dataset, write_demo_data
+    from fedllm.split.client import tokenize_sft
+
+    server = start_server(server_args(tiny4_model_dir, tmp_path / "state", num_clients=1, sample_clients=1,
+                                      num_rounds=1, max_steps=3))
+    (data,) = write_demo_data(tmp_path / "data", num_clients=1, rows_per_client=12, seed=2)
+    sent: list[bytes] = []
+    real_request = requests.Session.request
+
+    def recording(self, method, url, data=None, json=None, **kwargs):
+        if data is not None:
+            data = data.getvalue() if hasattr(data, "getvalue") else b"".join(data) if not isinstance(
+                data, (bytes, str)) else data
+            sent.append(data if isinstance(data, bytes) else data.encode())
+        if json is not None:
+            sent.append(__import__("json").dumps(json).encode())
+        sent.append(url.encode())
+        return real_request(self, method, url, data=data, json=json, **kwargs)
+
+    monkeypatch.setattr(requests.Session, "request", recording)
+    report = run_client(ClientArguments(server_url=server.url, client_id="owner", dataset_name=str(data),
+                                        batch_size=4, output_dir=str(tmp_path / "owner"), quiet=True,
+                                        poll_interval=0.2, max_poll_interval=1.0))
+    assert report.steps == 3 and len(sent) > 10
+    everything = b"\n".join(sent)
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny4_model_dir)
+    dataset = load_sft_dataset(str(data), tokenizer=tokenizer, template="alpaca")
+    examples = tokenize_sft(dataset, tokenizer, 96)
+    checked = 0
+    for ids, labels in examples:
+        for sequence in (ids, [t for t in labels if t != -100]):
+            for i in range(len(sequence) - 3):
+                window = sequence[i:i + 4]
+                if all(b - a == 1 for a, b in zip(window, window[1:], strict=False)):
+                    continue  # 0, 1, 2, 3 ... are the position ids the server needs
+                for dtype in (torch.int64, torch.int32, torch.int16):
+                    assert torch.tensor(window, dtype=dtype).numpy().tobytes() not in everything
+                checked += 1
+    assert checked > 100
+    # The check can fail: the same bytes are found where token ids do travel.
+    assert torch.tensor(examples[0][0][:4]).numpy().tobytes() in save_bytes({"ids": torch.tensor(examples[0][0])})
+    for row in dataset:
+        for text in (row["prompt"], row["completion"]):
+            for piece in (text.strip()[:24], text.strip()[-24:]):
+                assert piece.encode() not in everything
+                assert json.dumps(piece)[1:-1].encode() not in everything
