@@ -164,9 +164,15 @@ def test_a_two_client_split_federation_over_gunicorn_trains(tiny4_model_dir: Pat
                                                             start_server) -> None:
     from fedllm.data import write_demo_data
 
+    from .conftest import SHARED_DATASETS
+
     server = start_server(server_args(tiny4_model_dir, tmp_path / "state", num_rounds=2, max_steps=5))
-    data = write_demo_data(tmp_path / "data", num_clients=2, rows_per_client=20, seed=1)
-    run_federation(server, data, tmp_path)
+    dolly = SHARED_DATASETS / "dolly15k_fed10"
+    if dolly.is_dir():  # real data: two of Dolly's non-IID client shards, 40 examples each
+        data, extra = [dolly / "local_training_0.json", dolly / "local_training_1.json"], ["--dataset_sample", "40"]
+    else:  # a user's checkout has no ../shared: the project's demo data
+        data, extra = write_demo_data(tmp_path / "data", num_clients=2, rows_per_client=20, seed=1), []
+    run_federation(server, data, tmp_path, extra)
 
     assert "serving with 1 gunicorn worker" in server.log()
     headers = {"X-FedLLM-Client": "client0"}
