@@ -557,6 +557,12 @@ class EvaluationArguments:
     output_file: str | None = field(default="eval_results.json", metadata={"help": "Where evaluate.py writes its JSON results."})
     save_predictions: bool = field(default=False, metadata={"help": "Include every prompt, generation and reference in the JSON."})
     output_dir: str | None = field(default=None, metadata={"help": "export.py adapter/merge: the directory to write."})
+    client_output_dir: str | None = field(
+        default=None,
+        metadata={"help": "A --fed_mode split federation's --state_dir holds the middle's LoRA; the head and tail "
+                          "come from this client's --output_dir (its final_adapter: needed with "
+                          "--split_private_ends), else from the state_dir's global adapter."},
+    )
     merge_dtype: str = field(
         default="float32", metadata={"help": "export.py merge: dtype of the saved model.", "choices": ["float32", "bfloat16", "float16"]}
     )
