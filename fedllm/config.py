@@ -14,6 +14,7 @@ Parsed with ``transformers.HfArgumentParser`` from flags or from a YAML/JSON fil
     (``fedllm/algorithms/*_config.py``). Those of ``--fed_alg`` are identity too; only they are validated.
   - :class:`~fedllm.privacy.config.PrivacyArguments`: differential privacy (``--dp`` ...), identity too.
   - :class:`~fedllm.secagg.config.SecAggArguments`: secure aggregation (``--secure_aggregation`` ...), identity too.
+  - :class:`~fedllm.split.config.SplitArguments`: split learning (``--fed_mode split`` ...), identity too.
   - :class:`FederationOperationalArguments`: how the federation is run (rounds, deadlines), which an
     operator may change when restarting it. :func:`federation_changes` tells the two kinds of change apart.
 
@@ -41,6 +42,7 @@ from typing import Any, TypeVar
 from .algorithms import BUILTIN_CONFIGS, AlgorithmConfig, algorithm_config_class, range_problem
 from .privacy.config import PrivacyArguments
 from .secagg.config import SecAggArguments
+from .split.config import SplitArguments
 from .trackers import REPORT_TO_CHOICES
 
 FEDERATION_ARGUMENT_NAMES: tuple[str, ...]  # filled in below the class
@@ -179,8 +181,8 @@ class FederationOperationalArguments:
 
 # A dataclass takes its bases' fields last base first: identity, the hyperparameters, then the operational ones.
 @dataclass
-class FederationArguments(FederationOperationalArguments, SecAggArguments, PrivacyArguments, AlgorithmArguments,
-                          FederationIdentityArguments):
+class FederationArguments(FederationOperationalArguments, SplitArguments, SecAggArguments, PrivacyArguments,
+                          AlgorithmArguments, FederationIdentityArguments):
     """Shared by the whole federation; owned by the server and served to clients.
 
     One flat set of options in three groups (identity, the algorithms' hyperparameters, operational), as
@@ -227,6 +229,7 @@ class FederationArguments(FederationOperationalArguments, SecAggArguments, Priva
             problems.append(str(exc))
         problems += self.privacy_problems()
         problems += self.secagg_problems()
+        problems += self.split_problems()
         if problems:
             raise ValueError("; ".join(problems))
 
@@ -260,6 +263,7 @@ def federation_changes(stored: Mapping[str, Any], new: FederationArguments) -> t
     identity = {f.name for f in dataclasses.fields(FederationIdentityArguments)}
     identity.update(f.name for f in dataclasses.fields(PrivacyArguments))
     identity.update(f.name for f in dataclasses.fields(SecAggArguments))
+    identity.update(f.name for f in dataclasses.fields(SplitArguments))
     for fed_alg in {old["fed_alg"], new.fed_alg}:
         identity.update(f.name for f in dataclasses.fields(algorithm_config_class(fed_alg)))
     return ({k: v for k, v in changed.items() if k in identity},
@@ -557,6 +561,12 @@ class EvaluationArguments:
     output_file: str | None = field(default="eval_results.json", metadata={"help": "Where evaluate.py writes its JSON results."})
     save_predictions: bool = field(default=False, metadata={"help": "Include every prompt, generation and reference in the JSON."})
     output_dir: str | None = field(default=None, metadata={"help": "export.py adapter/merge: the directory to write."})
+    client_output_dir: str | None = field(
+        default=None,
+        metadata={"help": "A --fed_mode split federation's --state_dir holds the middle's LoRA; the head and tail "
+                          "come from this client's --output_dir (its final_adapter: needed with "
+                          "--split_private_ends), else from the state_dir's global adapter."},
+    )
     merge_dtype: str = field(
         default="float32", metadata={"help": "export.py merge: dtype of the saved model.", "choices": ["float32", "bfloat16", "float16"]}
     )

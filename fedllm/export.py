@@ -114,16 +114,48 @@ def load_state_dir(state_dir: str | Path, round_number: int | None = None) -> Ad
     return source
 
 
-def load_adapter(adapter: str | None = None, state_dir: str | None = None, round_number: int | None = None
-                 ) -> AdapterSource | None:
-    """``--adapter DIR`` or ``--state_dir DIR [--round N]``; None when neither is given (the base model alone)."""
+def load_adapter(adapter: str | None = None, state_dir: str | None = None, round_number: int | None = None,
+                 client_output_dir: str | None = None) -> AdapterSource | None:
+    """``--adapter DIR`` or ``--state_dir DIR [--round N]``; None when neither is given (the base model alone).
+
+    A split federation's state_dir gives the whole model's adapter: the middle's LoRA from its checkpoint, the
+    head's and tail's from ``client_output_dir``'s ``final_adapter`` or else from the state_dir's global.
+    """
     if adapter and state_dir:
         raise ValueError("give --adapter or --state_dir, not both")
     if round_number is not None and not state_dir:
         raise ValueError("--round needs --state_dir")
+    if client_output_dir and not state_dir:
+        raise ValueError("--client_output_dir needs the split federation's --state_dir")
     if state_dir:
-        return load_state_dir(state_dir, round_number)
+        source = load_state_dir(state_dir, round_number)
+        if source.federation.get("fed_mode") == "split":
+            _complete_split(source, state_dir, round_number, client_output_dir)
+        return source
     return load_adapter_dir(adapter) if adapter else None
+
+
+def _complete_split(source: AdapterSource, state_dir: str, round_number: int | None,
+                    client_output_dir: str | None) -> None:
+    """The three parts' LoRA in ``source``: the server's middle plus a client's (or the federation's) ends."""
+    from .split.server import middle_checkpoint_adapter
+
+    if round_number is not None:
+        raise ValueError("a split federation keeps its middle's latest LoRA only; drop --round")
+    if client_output_dir:
+        ends = load_adapter_dir(Path(client_output_dir) / "final_adapter")
+        source.tensors = ends.tensors
+        source.description = f"{state_dir} (middle) + {client_output_dir}/final_adapter (head and tail)"
+    elif source.federation.get("split_private_ends"):
+        raise ValueError("this split federation kept its ends private (--split_private_ends): pass "
+                         "--client_output_dir, the --output_dir of the client whose head and tail to use")
+    else:
+        source.description = f"{state_dir} (middle and the federation's head and tail)"
+    middle = middle_checkpoint_adapter(state_dir)
+    overlap = sorted(set(middle) & set(source.tensors))
+    if overlap:
+        raise ValueError(f"the ends hold tensors of the middle, e.g. {overlap[:2]}: not this federation's")
+    source.tensors = {**source.tensors, **middle}
 
 
 def export_adapter(source: AdapterSource, output_dir: str | Path) -> Path:

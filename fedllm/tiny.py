@@ -74,15 +74,15 @@ def build_tokenizer(vocab_size: int = 1024) -> PreTrainedTokenizerFast:
     return wrapped
 
 
-def build_tiny_llama(output_dir: str | Path, seed: int = 0, vocab_size: int = 1024) -> Path:
-    """Write a tokenizer and a randomly initialised 2-layer Llama to ``output_dir``."""
+def build_tiny_llama(output_dir: str | Path, seed: int = 0, vocab_size: int = 1024, num_hidden_layers: int = 2) -> Path:
+    """Write a tokenizer and a randomly initialised Llama (2 layers unless told) to ``output_dir``."""
     output_dir = Path(output_dir)
     tokenizer = build_tokenizer(vocab_size)
     config = LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=64,
         intermediate_size=128,
-        num_hidden_layers=2,
+        num_hidden_layers=num_hidden_layers,
         num_attention_heads=4,
         num_key_value_heads=4,
         max_position_embeddings=512,

@@ -76,6 +76,12 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     return build_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), seed=0)
 
 
+@pytest.fixture(scope="session")
+def tiny4_model_dir(tmp_path_factory) -> Path:
+    """The tiny Llama with 4 layers: enough to split into head, middle and tail (split learning's tests)."""
+    return build_tiny_llama(tmp_path_factory.mktemp("tiny-llama-4"), seed=0, num_hidden_layers=4)
+
+
 def joined_copy(source: Path, dest: Path, clients: dict[str, int]) -> Path:
     """A copy of an initialised state dir in which every client of ``clients`` (id -> num_samples) joined."""
     from fedllm.server.federation import Federation

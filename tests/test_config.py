@@ -22,6 +22,7 @@ from fedllm.config import (
 )
 from fedllm.privacy.config import PrivacyArguments
 from fedllm.secagg.config import SecAggArguments
+from fedllm.split.config import SplitArguments
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -43,6 +44,8 @@ SERVED_DEFAULTS = {
     "dp": "off", "dp_clip_norm": "1.0", "dp_noise_multiplier": 1.0, "dp_delta": None, "dp_target_epsilon": None,
     "dp_target_quantile": 0.5, "dp_clip_learning_rate": 0.2, "dp_initial_clip_norm": 0.1,
     "dp_clipped_count_stddev": None, "client_sampling": "uniform",
+    "fed_mode": "lora", "split_head_layers": 2, "split_tail_layers": 2, "split_activation_noise": 0.0,
+    "split_gradient_clip": 0.0, "split_gradient_noise": 0.0, "split_private_ends": False,
 }
 
 
@@ -242,10 +245,13 @@ def test_every_option_is_identity_or_operational():
     identity = {f.name for f in dataclasses.fields(FederationIdentityArguments)}
     identity |= {f.name for f in dataclasses.fields(PrivacyArguments)}  # privacy changes what is computed
     identity |= {f.name for f in dataclasses.fields(SecAggArguments)}  # so does secure aggregation
+    identity |= {f.name for f in dataclasses.fields(SplitArguments)}  # so does the cut of the model
     hyperparameters = {f.name for config in BUILTIN_CONFIGS.values() for f in dataclasses.fields(config)}
     assert identity | hyperparameters | OPERATIONAL_OPTIONS == set(SERVED_DEFAULTS)
     assert not identity & OPERATIONAL_OPTIONS and not hyperparameters & (identity | OPERATIONAL_OPTIONS)
     assert federation_changes(stored(federation()), federation(dp="server")) == ({"dp": ("off", "server")}, {})
+    assert federation_changes(stored(federation()), federation(fed_mode="split")) == (
+        {"fed_mode": ("lora", "split")}, {})
 
 
 # ---------------------------------------------------------------- parsing and the served dict

@@ -183,6 +183,11 @@ def test_responses_of_every_role_conform_to_the_document(checked: tuple[Checked,
     for action in ("pause", "resume", "abort_round"):
         assert api.call("POST", f"/v1/admin/{action}", ADMIN).status_code == 200
     assert api.call("GET", "/v1/admin/events", ADMIN).status_code == 200
+    # A LoRA federation's split endpoints answer 409 (tests/test_split_http.py runs them in a split federation).
+    assert api.call("GET", "/v1/split/step?round=2", "alice", template="/v1/split/step").status_code == 409
+    for step in ("forward", "backward"):
+        assert api.call("POST", f"/v1/split/{step}?round=2&step=1", "alice", data=b"x",
+                        template=f"/v1/split/{step}").status_code == 409
 
     # Refusals: each with its documented status and the JSON error body.
     refused = [

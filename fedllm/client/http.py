@@ -278,6 +278,21 @@ class FederationClient:
             raise ServerError(response.status_code, "unexpected answer to an upload", str(answer)[:200])
         return answer
 
+    # --- split learning (--fed_mode split, fedllm.split) ---
+    def split_step(self, round_number: int) -> dict[str, Any]:
+        return _json(self._request("GET", f"/v1/split/step?round={round_number}"))
+
+    def split_exchange(self, kind: str, round_number: int, step: int, body: bytes, max_answer_bytes: int) -> bytes:
+        """POST one split message (``kind`` forward or backward) and return the server's safetensors answer, at most
+        ``max_answer_bytes``; retried like every request (the server answers a repeated message the same)."""
+        response = self._request("POST", f"/v1/split/{kind}?round={round_number}&step={step}",
+                                 headers={"Content-Type": "application/octet-stream"},
+                                 body_factory=lambda: io.BytesIO(body))
+        answer = _read_capped(response, max_answer_bytes)
+        self.bytes_up += len(body)
+        self.bytes_down += len(answer)
+        return answer
+
 
     # --- secure aggregation (fedllm.client.secagg) ---
     def secagg_view(self) -> dict[str, Any]:

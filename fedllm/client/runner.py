@@ -197,7 +197,14 @@ def run_client(args: ClientArguments) -> ClientReport:
     else:
         log.info("using the server's model %s", served_model,
                  extra={"event": "base_model", "model": served_model, "served_model": served_model})
-    trainer = LocalTrainer(server_config, args)
+    if federation.get("fed_mode") == "split":  # the ends of the model here, the middle on the server
+        if group is not None:
+            raise ValueError("--fed_mode split trains on one process; start the client without torchrun/accelerate")
+        from ..split.client import SplitTrainer
+
+        trainer = SplitTrainer(server_config, args, client)
+    else:
+        trainer = LocalTrainer(server_config, args)
     client.join(trainer.num_samples)
     log.info("%s joined: %d examples, %s/%s, %d rounds", args.client_id, trainer.num_samples,
              federation["task"], federation["fed_alg"], federation["num_rounds"],
@@ -354,6 +361,10 @@ def _save_final(client: FederationClient, server_config: dict[str, Any], output_
     global_path, _version, _sha = client.download_global(output_dir / "cache", download_limit(server_config))
     tensors = load_global(global_path, server_config)
     adapter = {k: v for k, v in tensors.items() if k in server_config["adapter"]}
+    if server_config["federation"].get("fed_mode") == "split":  # the head and tail; the middle is the server's
+        from ..split.client import final_ends
+
+        adapter = final_ends(server_config, output_dir, adapter)
     settings = {k: v for k, v in server_config["lora_config"].items() if k in LORA_KEYS}
     settings["base_model_name_or_path"] = server_config["federation"]["model_name_or_path"]
     return save_peft_adapter(output_dir / "final_adapter", adapter, LoraConfig(**settings))

@@ -5,6 +5,8 @@
     fedllm export merge    --state_dir fl-state --output_dir merged-model            # base + adapter, merged
     fedllm export generate --state_dir fl-state --prompt "Name a fruit."            # quick check
     fedllm export generate --adapter adapter-r5 --prompts_file prompts.txt --max_new_tokens 64
+    fedllm export merge    --state_dir fl-state --client_output_dir fl-client-output --output_dir merged
+                           # a split federation: the server's middle + that client's head and tail
 
 The adapter comes from --adapter DIR (a PEFT directory) or --state_dir DIR [--round N] (default: the
 latest round); generate also runs the base model alone with just --model_name_or_path. Options:
@@ -41,7 +43,7 @@ def _prompts(args: EvaluationArguments, tokenizer, template: str) -> list[str]:
 def run(command: str, args: EvaluationArguments) -> None:
     from ..export import export_adapter, load_adapter, merge_adapter
 
-    source = load_adapter(args.adapter, args.state_dir, args.round)
+    source = load_adapter(args.adapter, args.state_dir, args.round, args.client_output_dir)
     if command in ("adapter", "merge"):
         if source is None:
             raise ValueError(f"{command} needs --adapter DIR or --state_dir DIR")

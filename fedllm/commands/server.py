@@ -51,6 +51,15 @@ def build_app(server: ServerArguments):
     return app
 
 
+def split_max_body_bytes(config: FederationArguments) -> int:
+    """--fed_mode split: the largest split message (hidden states of MAX_ROWS full rows); 0 otherwise."""
+    if not config.split_enabled:
+        return 0
+    from ..split.server import message_shape
+
+    return message_shape(config).max_bytes()
+
+
 def connection_limits(server: ServerArguments):
     """The workers' per-connection deadlines, and the largest body worth reading (the federation's upload limit)."""
     from ..server.worker import ConnectionLimits, clear_spool
@@ -60,7 +69,8 @@ def connection_limits(server: ServerArguments):
         federation = Federation(store, max_upload_bytes=int(server.max_upload_mb * (1 << 20)))
         clear_spool(store.incoming_dir)
         return ConnectionLimits(header_timeout=server.header_timeout, min_body_rate=server.min_body_rate_kib * 1024,
-                                body_rate_window=server.body_rate_window, max_body_bytes=federation.max_upload_bytes,
+                                body_rate_window=server.body_rate_window,
+                                max_body_bytes=max(federation.max_upload_bytes, split_max_body_bytes(federation.config)),
                                 spool_dir=str(store.incoming_dir))
     finally:
         store.close()
@@ -122,6 +132,11 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, StateDirInUse) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    if config.split_enabled and server.workers != 1:
+        # The middle model, its optimizer and the steps' graphs live in one process; its threads serve the clients.
+        log.warning("--fed_mode split: serving with 1 gunicorn worker (not --workers %d) and %d threads",
+                    server.workers, server.threads)
+        server.workers = 1
     if server.auth_tokens and not server.certfile and not is_loopback(server.host):
         log.warning("--allow_insecure_http: tokens cross the network to %s in cleartext", server.host)
     if not server.auth_tokens:

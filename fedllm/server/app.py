@@ -16,6 +16,8 @@ from flask import Flask, Response, g, jsonify, request, send_file
 from flask.json.provider import DefaultJSONProvider
 from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
+from ..split.errors import SPLIT_ERROR_STATUS
+from ..split.http import register_split_routes
 from . import errors, metrics, views
 from .auth import ADMIN, CLIENT, VIEWER, Identity, TokenRegistry
 from .dashboard import PUBLIC_ENDPOINTS, client_states
@@ -69,6 +71,7 @@ ERROR_STATUS: dict[type[errors.FederationError], int] = {
     errors.TooManySamples: 422,
     errors.SecAggInvalid: 422,
     errors.StorageUnavailable: 503,
+    **SPLIT_ERROR_STATUS,
 }
 
 
@@ -332,6 +335,8 @@ def create_app(
     def admin_events():
         _admin("events")
         return jsonify(federation.events())
+
+    register_split_routes(app, federation, UINT_RE)
 
     @app.after_request
     def _log(response):

@@ -181,6 +181,12 @@ class Federation:
         )
         spec = adapter_spec(model_config, lora)
         adapter = initial_adapter(spec, config.seed)
+        if config.split_enabled:  # the global adapter is the clients' head and tail; the middle is the server's
+            from ..split.model import CLIENT_PARTS, SplitPlan
+
+            plan = SplitPlan.of(model_config, config.split_head_layers, config.split_tail_layers)
+            kept = plan.select(spec, CLIENT_PARTS)
+            spec, adapter = {k: spec[k] for k in kept}, {k: adapter[k] for k in kept}
         algorithm = build_algorithm(config)
         state = algorithm.init_state(adapter)
         lora_dict = lora.to_dict()

@@ -362,6 +362,7 @@ def _paths() -> dict[str, Any]:
                                                           "upload_tensors; metrics (train_loss, steps, ...) in its "
                                                           "metadata",
                          "content": {"application/octet-stream": {"schema": BINARY}}})},
+        **_split_paths(),
         "/v1/history": {"get": _operation(
             "get_history", "One record per aggregated round", CLIENT_SECURITY,
             {"200": _json({"type": "array", "items": _ref("HistoryRecord")}, "oldest first")}, IDENTIFIED)},
@@ -418,6 +419,46 @@ listed per operation, an unknown path is answered 404 and an unknown method 405 
 
 
 @functools.cache
+def _split_paths() -> dict[str, Any]:
+    """``--fed_mode split``'s step endpoints (fedllm.split.http); a LoRA federation answers them 409."""
+    from ..split import errors as split_errors
+
+    round_param = {"name": "round", "in": "query", "required": True, "description": "the open round",
+                   "schema": {"type": "integer", "minimum": 1, "maximum": app.MAX_NUM_SAMPLES}}
+    step_param = {"name": "step", "in": "query", "required": True,
+                  "description": "the client's step in the round, 1 to max_steps",
+                  "schema": {"type": "integer", "minimum": 1, "maximum": app.MAX_NUM_SAMPLES}}
+    rounds = [errors.NoOpenRound, errors.WrongRound, errors.NotSampled, errors.RoundClosed]
+    step_errors = [*IDENTIFIED, split_errors.NotSplitMode, split_errors.InvalidSplitStep, *rounds,
+                   split_errors.StepOutOfOrder, split_errors.MalformedActivations, split_errors.InvalidActivations,
+                   split_errors.SplitMessageTooLarge, errors.MissingHeader]
+    tensors = {"application/octet-stream": {"schema": BINARY}}
+
+    def step(operation_id: str, summary: str, sent: str, answer: str) -> dict[str, Any]:
+        return {"post": _operation(operation_id, summary, CLIENT_SECURITY,
+                                   {"200": {"description": answer, "content": tensors}}, step_errors,
+                                   parameters=[round_param, step_param],
+                                   requestBody={"required": True, "description": sent, "content": tensors})}
+
+    return {
+        "/v1/split/step": {"get": _operation(
+            "split_step", "--fed_mode split: the calling client's next step in round R", CLIENT_SECURITY,
+            {"200": _json({"type": "object", "required": ["round", "next_step", "max_steps"],
+                           "properties": {"round": COUNT, "next_step": COUNT, "max_steps": COUNT}},
+                          "the step to send next, of max_steps")},
+            [*IDENTIFIED, split_errors.NotSplitMode, split_errors.InvalidSplitStep, *rounds],
+            parameters=[round_param])},
+        "/v1/split/forward": step(
+            "split_forward", "--fed_mode split: run the middle blocks on the client's hidden states",
+            "a safetensors file: hidden [B, T, hidden_size] in the wire dtype; starts [B], lengths [B], "
+            "position_ids [B, T] as int64 (no token ids)", "a safetensors file: hidden [B, T, hidden_size]"),
+        "/v1/split/backward": step(
+            "split_backward", "--fed_mode split: backpropagate the client's gradient through the middle blocks",
+            "a safetensors file: grad [B, T, hidden_size], the loss's gradient w.r.t. the forward's answer",
+            "a safetensors file: grad [B, T, hidden_size], w.r.t. the forward's input"),
+    }
+
+
 def openapi_document() -> dict[str, Any]:
     """The OpenAPI 3.1 document of REST API v1 (built once per process)."""
     return {

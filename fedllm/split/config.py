@@ -1,0 +1,77 @@
+"""The federation's split-learning options (``--fed_mode split`` ...): part of its identity, served to clients.
+
+No torch here: :mod:`fedllm.config` imports this to build :class:`~fedllm.config.FederationArguments`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+FED_MODES = ("lora", "split")
+
+
+@dataclass
+class SplitArguments:
+    """Split learning of the LLM (FL-LLaMA): the clients hold the embedding, the first and the last blocks, the
+    final norm and the LM head; the server holds and trains the blocks between. See docs/split_learning.md."""
+
+    fed_mode: str = field(
+        default="lora",
+        metadata={"help": "lora: every client trains the whole model's LoRA and uploads it (federated LoRA). "
+                          "split: split learning; --max_steps is then the split steps per client per round.",
+                  "choices": list(FED_MODES)},
+    )
+    split_head_layers: int = field(
+        default=2, metadata={"help": "--fed_mode split: transformer blocks p on the client after the embedding (>= 1)."}
+    )
+    split_tail_layers: int = field(
+        default=2,
+        metadata={"help": "--fed_mode split: transformer blocks q on the client before the final norm and LM head "
+                          "(>= 1; p + q < the model's layers)."},
+    )
+    split_activation_noise: float = field(
+        default=0.0,
+        metadata={"help": "--fed_mode split: std of the Gaussian noise each client adds to the hidden states it "
+                          "sends (0 = off; a heuristic defence, no formal guarantee)."},
+    )
+    split_gradient_clip: float = field(
+        default=0.0,
+        metadata={"help": "--fed_mode split: L2 norm each sample's gradient of the middle's output is clipped to "
+                          "before it is sent (0 = off)."},
+    )
+    split_gradient_noise: float = field(
+        default=0.0,
+        metadata={"help": "--fed_mode split: std of the Gaussian noise added to that gradient before it is sent "
+                          "(0 = off)."},
+    )
+    split_private_ends: bool = field(
+        default=False,
+        metadata={"help": "--fed_mode split: each client keeps its head and tail LoRA to itself (it uploads a "
+                          "zero update to close the round) instead of their being aggregated with --fed_alg."},
+    )
+
+    @property
+    def split_enabled(self: Any) -> bool:
+        return self.fed_mode == "split"
+
+    def split_problems(self: Any) -> list[str]:
+        """What is wrong with the split options; the model-dependent checks (p + q < layers, architecture) are
+        :meth:`fedllm.split.model.SplitPlan.of`'s, run when the federation is created."""
+        if not self.split_enabled:
+            return []
+        problems = []
+        for name in ("split_head_layers", "split_tail_layers"):
+            if getattr(self, name) < 1:
+                problems.append(f"--{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("split_activation_noise", "split_gradient_clip", "split_gradient_noise"):
+            value = getattr(self, name)
+            if not (value >= 0 and math.isfinite(value)):
+                problems.append(f"--{name} must be a finite number >= 0, got {value}")
+        if self.task != "sft":
+            problems.append("--fed_mode split trains SFT only (--task sft)")
+        if self.dp != "off":
+            problems.append("--fed_mode split does not combine with --dp (client-level DP of the ends only would "
+                            "leave the middle unaccounted)")
+        return problems

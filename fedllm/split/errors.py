@@ -1,0 +1,48 @@
+"""Typed refusals of split-learning messages (mapped to HTTP statuses in ``fedllm.server.app.ERROR_STATUS``)."""
+
+from __future__ import annotations
+
+from ..server.errors import FederationError
+
+
+class NotSplitMode(FederationError):
+    error = "not a split federation"
+
+
+class InvalidSplitStep(FederationError):
+    """``?round=R&step=S`` missing or malformed."""
+
+    error = "invalid split step"
+
+
+class StepOutOfOrder(FederationError):
+    """A forward for a step already done (a replay) or beyond the next one; a backward for a step with no
+    pending forward (unknown, already answered with another body, or expired)."""
+
+    error = "split step out of order"
+
+
+class MalformedActivations(FederationError):
+    """Not a safetensors body, or not the tensors of a split message."""
+
+    error = "malformed split message"
+
+
+class InvalidActivations(FederationError):
+    """Tensors of the wrong shape (against the served config), dtype, range, or not finite."""
+
+    error = "invalid split message"
+
+
+class SplitMessageTooLarge(FederationError):
+    error = "split message too large"
+
+
+SPLIT_ERROR_STATUS: dict[type[FederationError], int] = {
+    NotSplitMode: 409,
+    InvalidSplitStep: 400,
+    StepOutOfOrder: 409,
+    MalformedActivations: 400,
+    InvalidActivations: 422,
+    SplitMessageTooLarge: 413,
+}
