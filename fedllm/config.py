@@ -13,6 +13,8 @@ Parsed with ``transformers.HfArgumentParser`` from flags or from a YAML/JSON fil
     each defined, documented and range-checked by its algorithm's dataclass
     (``fedllm/algorithms/*_config.py``). Those of ``--fed_alg`` are identity too; only they are validated.
   - :class:`~fedllm.privacy.config.PrivacyArguments`: differential privacy (``--dp`` ...), identity too.
+  - :class:`~fedllm.compression.config.CompressionArguments`: compressed updates (``--update_compression`` ...,
+    identity) and the communication budget (``--communication_budget_mb``, operational).
   - :class:`FederationOperationalArguments`: how the federation is run (rounds, deadlines), which an
     operator may change when restarting it. :func:`federation_changes` tells the two kinds of change apart.
 
@@ -38,6 +40,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from .algorithms import BUILTIN_CONFIGS, AlgorithmConfig, algorithm_config_class, range_problem
+from .compression.config import COMPRESSION_OPERATIONAL, CompressionArguments
 from .privacy.config import PrivacyArguments
 from .trackers import REPORT_TO_CHOICES
 
@@ -177,7 +180,7 @@ class FederationOperationalArguments:
 
 # A dataclass takes its bases' fields last base first: identity, the hyperparameters, then the operational ones.
 @dataclass
-class FederationArguments(FederationOperationalArguments, PrivacyArguments, AlgorithmArguments,
+class FederationArguments(FederationOperationalArguments, CompressionArguments, PrivacyArguments, AlgorithmArguments,
                           FederationIdentityArguments):
     """Shared by the whole federation; owned by the server and served to clients.
 
@@ -224,6 +227,7 @@ class FederationArguments(FederationOperationalArguments, PrivacyArguments, Algo
         except ValueError as exc:  # also an unknown --fed_alg
             problems.append(str(exc))
         problems += self.privacy_problems()
+        problems += self.compression_problems()
         if problems:
             raise ValueError("; ".join(problems))
 
@@ -256,6 +260,7 @@ def federation_changes(stored: Mapping[str, Any], new: FederationArguments) -> t
     changed = {name: (value, getattr(new, name)) for name, value in old.items() if value != getattr(new, name)}
     identity = {f.name for f in dataclasses.fields(FederationIdentityArguments)}
     identity.update(f.name for f in dataclasses.fields(PrivacyArguments))
+    identity.update(f.name for f in dataclasses.fields(CompressionArguments) if f.name not in COMPRESSION_OPERATIONAL)
     for fed_alg in {old["fed_alg"], new.fed_alg}:
         identity.update(f.name for f in dataclasses.fields(algorithm_config_class(fed_alg)))
     return ({k: v for k, v in changed.items() if k in identity},

@@ -40,6 +40,8 @@ SERVED_DEFAULTS = {
     "dp": "off", "dp_clip_norm": "1.0", "dp_noise_multiplier": 1.0, "dp_delta": None, "dp_target_epsilon": None,
     "dp_target_quantile": 0.5, "dp_clip_learning_rate": 0.2, "dp_initial_clip_norm": 0.1,
     "dp_clipped_count_stddev": None, "client_sampling": "uniform",
+    # compressed updates and the communication budget (fedllm/compression/config.py), off by default
+    "update_compression": "none", "compression_block_size": 128, "topk_fraction": 0.01, "communication_budget_mb": 0.0,
 }
 
 
@@ -238,8 +240,9 @@ def test_options_an_older_state_dir_lacks_had_their_defaults():
 def test_every_option_is_identity_or_operational():
     identity = {f.name for f in dataclasses.fields(FederationIdentityArguments)}
     identity |= {f.name for f in dataclasses.fields(PrivacyArguments)}  # privacy changes what is computed
+    identity |= {"update_compression", "compression_block_size", "topk_fraction"}  # so does a lossy codec
     hyperparameters = {f.name for config in BUILTIN_CONFIGS.values() for f in dataclasses.fields(config)}
-    assert identity | hyperparameters | OPERATIONAL_OPTIONS == set(SERVED_DEFAULTS)
+    assert identity | hyperparameters | OPERATIONAL_OPTIONS | {"communication_budget_mb"} == set(SERVED_DEFAULTS)
     assert not identity & OPERATIONAL_OPTIONS and not hyperparameters & (identity | OPERATIONAL_OPTIONS)
     assert federation_changes(stored(federation()), federation(dp="server")) == ({"dp": ("off", "server")}, {})
 
@@ -293,7 +296,7 @@ def test_config_py_prints_every_option_grouped_without_importing_torch():
     sections = re.split(r"^== ", done.stdout, flags=re.M)[1:]
     assert [s.split(" (")[0] for s in sections] == [
         "Federation identity", "Federation, operational", "Algorithm hyperparameters", "Differential privacy",
-        "Server", "Client",
+        "Compression and communication budget", "Server", "Client",
         "Simulation", "Evaluation"]
     option = re.compile(r" +--(\w+) [A-Z]+$")  # an option's line: --name TYPE (help text follows, indented)
     options = {s.split(" (")[0]: {m[1] for m in map(option.match, s.splitlines()) if m} for s in sections}

@@ -27,6 +27,8 @@ import torch
 
 from ..adapter import adapter_spec, build_lora_config, initial_adapter, load_model_config, model_fingerprint
 from ..algorithms import FedAlgorithm, get_algorithm
+from ..compression.codecs import get_codec
+from ..compression.updates import compressed_reader, compressed_validator
 from ..config import FederationArguments, federation_changes
 from ..wire import DTYPE_CODE, WIRE_DTYPES
 from .admin import OperatorActions
@@ -35,7 +37,7 @@ from .ingest import UploadIngestor
 from .rounds import PRIVACY_KEY as ROUNDS_PRIVACY_KEY
 from .rounds import RoundEngine
 from .store import GlobalRow, Store
-from .versions import GlobalVersions, write_version
+from .versions import FileUpdate, GlobalVersions, write_version
 
 log = logging.getLogger("fedllm.server")
 
@@ -96,11 +98,15 @@ class Federation:
         self.max_upload_bytes = max_upload_bytes or 2 * adapter_bytes + (1 << 20)
         self.versions = GlobalVersions(store, self.config.wire_dtype, self.algorithm, self.lora_config_dict,
                                        self.output_dir)
+        codec = get_codec(self.config)
         self.rounds = RoundEngine(store, self.config, self.algorithm, self.versions,
-                                  carries_client_state=set(self.upload_spec) != set(self.spec))
+                                  carries_client_state=set(self.upload_spec) != set(self.spec),
+                                  open_update=compressed_reader(codec, self.upload_spec) if codec else FileUpdate)
         self.uploads = UploadIngestor(store, self.rounds, self.upload_spec, self.config.wire_dtype,
                                       self.max_upload_bytes, self.config.max_control_norm,
-                                      clip_norm=self.rounds.current_clip_norm)
+                                      clip_norm=self.rounds.current_clip_norm,
+                                      validate=compressed_validator(codec, self.upload_spec, self.config.wire_dtype)
+                                      if codec else None)
         self.operator = OperatorActions(store, self.rounds)
         self._last_seen: dict[str, float] = {}
 

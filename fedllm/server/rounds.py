@@ -28,9 +28,10 @@ import logging
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
-from ..algorithms import FedAlgorithm, round_learning_rate, run_aggregation
+from ..algorithms import FedAlgorithm, Update, round_learning_rate, run_aggregation
 from ..config import FederationArguments
 from ..faults import fault_point
 from ..wire import all_finite
@@ -50,7 +51,8 @@ class RoundEngine:
     """Rounds of one federation: starting, closing, re-sampling and aggregating them."""
 
     def __init__(self, store: Store, config: FederationArguments, algorithm: FedAlgorithm, versions: GlobalVersions,
-                 *, carries_client_state: bool = False):
+                 *, carries_client_state: bool = False,
+                 open_update: Callable[[UpdateRow, Path], Update] = FileUpdate):
         self.store = store
         self.config = config
         self.algorithm = algorithm
@@ -62,6 +64,7 @@ class RoundEngine:
         # (FedAlgorithm.absorb_discarded), so the server's state keeps mirroring the clients'.
         self.carries_client_state = carries_client_state
         self.after_aggregation: list[Callable[[int], None]] = []
+        self.open_update = open_update  # an accepted update file, read lazily (decoded, when compressed)
         self.accountant = None
         if config.dp_enabled:
             from ..privacy.accountant import accountant_for  # dp-accounting only where DP is on
@@ -299,11 +302,11 @@ class RoundEngine:
             rows = self._eligible_updates(db, current)
             carried = self.store.carried(db)
             adapter, state = self.versions.load(self.store.latest_global(db))
-            updates = [FileUpdate(r, self.store.resolve(r.path)) for r in rows]
+            updates = [self.open_update(r, self.store.resolve(r.path)) for r in rows]
             new_adapter, new_state = run_aggregation(self.algorithm, adapter, updates, state)
             if carried:
                 new_state = self.algorithm.absorb_discarded(
-                    new_state, [FileUpdate(r, self.store.resolve(r.path)) for r in carried])
+                    new_state, [self.open_update(r, self.store.resolve(r.path)) for r in carried])
             fault_point("aggregate.loaded")
             bad = [k for k, v in {**new_adapter, **new_state}.items() if not all_finite(v)]
             if bad:
