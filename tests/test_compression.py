@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import math
 import shutil
@@ -312,3 +313,50 @@ def test_the_reader_decodes_one_tensor_at_a_time(open_federation, tmp_path: Path
     with pytest.raises(WireError):
         validate_compressed_file(path, TopKCodec(0.1), fed.upload_spec, "float32")
     assert isinstance(codec, BlockwiseCodec) and get_algorithm("fedavg", fed.config).name == "fedavg"
+
+
+# ---------------------------------------------------------------------------------------------- accounting
+def _play_round(fed: Federation) -> int:
+    """Both clients download and upload once; the round's bytes."""
+    codec = get_codec(fed.config)
+    total = 0
+    for seed, client in enumerate(CLIENTS):
+        fed.record_download(client, fed.latest_global().size)
+        parts, _ = compress_with_feedback(codec, deltas(fed, seed), {}, fed.config.wire_dtype)
+        body = encode_body(codec, parts, {})
+        push(fed, client, body)
+        total += len(body) + fed.latest_global().size
+    fed.record_download("stranger", 10**9)  # not joined: not counted
+    assert fed.aggregate_if_needed()
+    return total
+
+
+@pytest.mark.parametrize("fraction", [0.9, 1.0])
+def test_bytes_are_accounted_and_the_budget_warns_then_stops_rounds(fraction: float, open_federation,
+                                                                    tiny_model_dir: Path) -> None:
+    fed = open_federation("int8")
+    first = _play_round(fed)
+    record = fed.history()[0]
+    assert record["bytes_sent"] + record["bytes_received"] == first
+    assert record["bytes_sent"] == 2 * fed.latest_global().size
+    traffic = fed.store.traffic(fed.store.read())
+    assert set(traffic) == set(CLIENTS) and all(t["sent"] > 0 and t["received"] > 0 for t in traffic.values())
+    assert fed.status()["communication"]["budget_state"] == "unlimited"
+
+    # Restart with a budget the first round used `fraction` of: round 2 (started already) runs, then 3 is decided.
+    root = fed.store.root
+    fed.store.close()
+    config = dataclasses.replace(fed.config, num_rounds=3, communication_budget_mb=first / fraction / 1e6)
+    Federation.initialize(config, root)
+    store = Store(root)
+    try:
+        fed = Federation(store)
+        assert fed.status()["communication"]["budget_state"] == ("warning" if fraction < 1 else "exhausted")
+        _play_round(fed)  # round 2 had started before the budget existed
+        status = fed.status()
+        assert status["communication"]["budget_state"] == "exhausted" and status["phase"] == "finished"
+        events = [e["action"] for e in fed.events()]
+        assert "finished_early" in events
+        assert any("communication budget" in str(e) for e in fed.events())
+    finally:
+        store.close()

@@ -236,6 +236,11 @@ class Federation:
     def is_removed(self, client_id: str) -> bool:
         return self.store.is_removed(self.store.read(), client_id)
 
+    def record_download(self, client_id: str | None, size: int) -> None:
+        """Count a global adapter of ``size`` bytes served to ``client_id`` (fedllm.server.traffic)."""
+        if client_id is not None:
+            self.rounds.traffic.record_download(client_id, size)
+
     def seen(self, client_id: str) -> None:
         """Record that a joined client polled; at most one durable write per client per SEEN_INTERVAL per process.
 

@@ -38,6 +38,7 @@ from ..wire import all_finite
 from .errors import NoOpenRound, NotSampled, RoundClosed, WrongRound
 from .sampler import ClientSampler
 from .store import RoundRow, Store, UpdateRow
+from .traffic import TrafficLedger
 from .versions import FileUpdate, GlobalVersions
 
 log = logging.getLogger("fedllm.server")
@@ -65,6 +66,7 @@ class RoundEngine:
         self.carries_client_state = carries_client_state
         self.after_aggregation: list[Callable[[int], None]] = []
         self.open_update = open_update  # an accepted update file, read lazily (decoded, when compressed)
+        self.traffic = TrafficLedger(store, config)
         self.accountant = None
         if config.dp_enabled:
             from ..privacy.accountant import accountant_for  # dp-accounting only where DP is on
@@ -104,6 +106,7 @@ class RoundEngine:
             "clients_joined": len(clients),
             "num_clients": self.config.num_clients,
             "paused": bool(self.store.get_meta(db, "paused")),
+            "communication": self.traffic.status(db),
         }
         privacy = self.privacy_status(db)
         if privacy is not None:
@@ -145,6 +148,10 @@ class RoundEngine:
         if allowed is not None and round_number > allowed:
             self._finish_early(db, round_number, f"the privacy budget --dp_target_epsilon "
                                                  f"{self.config.dp_target_epsilon:g} allows {allowed} rounds")
+            return
+        spent = self.traffic.allows_round(db, round_number)
+        if spent is not None:
+            self._finish_early(db, round_number, spent)
             return
         sampled = self.sampler.sample(eligible, round_number)
         self.store.insert_round(db, round_number, sampled, self._deadline())
@@ -321,7 +328,8 @@ class RoundEngine:
             if saves_round:
                 self.versions.export(new_adapter, f"round_{version}")
             fault_point("aggregate.files_written")
-            record = history_record(current, rows, row.version, row.sha256, time.time() - started)
+            record = history_record(current, rows, row.version, row.sha256, time.time() - started,
+                                    self.store.round_bytes_sent(db, current.round))
             privacy = self._privacy_record(version, state, new_state)
             record.update({k: v for k, v in privacy.items() if k != "dp_next_clip_norm"})
             with self.store.transaction() as db:
@@ -400,7 +408,7 @@ class RoundEngine:
 
 
 def history_record(current: RoundRow, rows: list[UpdateRow], version: int, sha256: str,
-                   seconds: float) -> dict[str, Any]:
+                   seconds: float, bytes_sent: int = 0) -> dict[str, Any]:
     """The ``/v1/history`` record of an aggregated round."""
     return {
         "round": current.round,
@@ -413,6 +421,7 @@ def history_record(current: RoundRow, rows: list[UpdateRow], version: int, sha25
         "seconds": time.time() - current.started_at,
         "aggregation_seconds": seconds,
         "bytes_received": sum(r.size for r in rows),
+        "bytes_sent": bytes_sent,  # global downloads while the round was open
         "global_version": version,
         "global_sha256": sha256,
         "metrics": {r.client_id: r.metrics for r in rows},
