@@ -98,17 +98,24 @@ class Federation:
         self.max_upload_bytes = max_upload_bytes or 2 * adapter_bytes + (1 << 20)
         self.versions = GlobalVersions(store, self.config.wire_dtype, self.algorithm, self.lora_config_dict,
                                        self.output_dir)
-        codec = get_codec(self.config)
+        validate, open_update = self._upload_format()
         self.rounds = RoundEngine(store, self.config, self.algorithm, self.versions,
-                                  carries_client_state=set(self.upload_spec) != set(self.spec),
-                                  open_update=compressed_reader(codec, self.upload_spec) if codec else FileUpdate)
+                                  carries_client_state=set(self.upload_spec) != set(self.spec), open_update=open_update)
         self.uploads = UploadIngestor(store, self.rounds, self.upload_spec, self.config.wire_dtype,
                                       self.max_upload_bytes, self.config.max_control_norm,
-                                      clip_norm=self.rounds.current_clip_norm,
-                                      validate=compressed_validator(codec, self.upload_spec, self.config.wire_dtype)
-                                      if codec else None)
+                                      clip_norm=self.rounds.current_clip_norm, validate=validate)
         self.operator = OperatorActions(store, self.rounds)
         self._last_seen: dict[str, float] = {}
+
+    def _upload_format(self) -> tuple[Any, Any]:
+        """How uploads are checked and read: dense (fedllm.wire), a codec's (fedllm.compression), or the
+        algorithm's own (FedKSeed's seed pairs)."""
+        codec = get_codec(self.config)
+        if codec is not None:
+            return (compressed_validator(codec, self.upload_spec, self.config.wire_dtype),
+                    compressed_reader(codec, self.upload_spec))
+        own = self.algorithm.upload_format(self.upload_spec, self.config.wire_dtype, self.config.max_steps)
+        return own if own is not None else (None, FileUpdate)
 
     # ------------------------------------------------------------------ setup
     @staticmethod
@@ -179,9 +186,9 @@ class Federation:
             target_modules=config.target_module_list(),
             base_model_name_or_path=config.model_name_or_path,
         )
-        spec = adapter_spec(model_config, lora)
-        adapter = initial_adapter(spec, config.seed)
         algorithm = build_algorithm(config)
+        adapter = algorithm.initial_global(initial_adapter(adapter_spec(model_config, lora), config.seed))
+        spec = {name: tuple(tensor.shape) for name, tensor in adapter.items()}
         state = algorithm.init_state(adapter)
         lora_dict = lora.to_dict()
         lora_dict["target_modules"] = sorted(lora_dict["target_modules"]) if lora_dict.get("target_modules") else None
