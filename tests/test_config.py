@@ -34,7 +34,8 @@ SERVED_DEFAULTS = {
     "seed": 2023, "max_steps": 10, "learning_rate": 2e-05, "lr_schedule": "constant", "min_learning_rate": 1e-06,
     "wire_dtype": "float32", "prox_mu": 0.01, "server_momentum": 0.9, "server_lr": 1.0, "fedopt_eta": 0.001,
     "fedopt_tau": 0.001, "fedopt_beta1": 0.9, "fedopt_beta2": 0.99, "trim_ratio": 0.1, "krum_malicious": 1,
-    "krum_keep": 1, "max_update_norm": 0.0, "dpo_beta": 0.1, "dpo_reference": "global", "save_model_freq": 10,
+    "krum_keep": 1, "kseed_k": 4096, "kseed_epsilon": 1e-3, "kseed_pro": False, "kseed_lora": False,
+    "max_update_norm": 0.0, "dpo_beta": 0.1, "dpo_reference": "global", "save_model_freq": 10,
     "max_control_norm": 1e6,
     # differential privacy (fedllm/privacy/config.py), off by default
     "dp": "off", "dp_clip_norm": "1.0", "dp_noise_multiplier": 1.0, "dp_delta": None, "dp_target_epsilon": None,
@@ -316,5 +317,6 @@ def test_config_py_prints_every_option_grouped_without_importing_torch():
         "fedadagrad": ["fedopt_eta", "fedopt_tau"],
         "fedyogi, fedadam": ["fedopt_eta", "fedopt_tau", "fedopt_beta1", "fedopt_beta2"],
         "fedtrimmedavg": ["trim_ratio"], "krum": ["krum_malicious", "krum_keep"], "fedavg, scaffold, fedmedian": [],
+        "fedkseed": ["kseed_k", "kseed_epsilon", "kseed_pro", "kseed_lora"],
     }
     assert "adaptivity τ > 0" in sections[2]  # with the help text
