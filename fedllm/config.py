@@ -15,6 +15,8 @@ Parsed with ``transformers.HfArgumentParser`` from flags or from a YAML/JSON fil
   - :class:`~fedllm.privacy.config.PrivacyArguments`: differential privacy (``--dp`` ...), identity too.
   - :class:`~fedllm.secagg.config.SecAggArguments`: secure aggregation (``--secure_aggregation`` ...), identity too.
   - :class:`~fedllm.split.config.SplitArguments`: split learning (``--fed_mode split`` ...), identity too.
+  - :class:`~fedllm.compression.config.CompressionArguments`: compressed updates (``--update_compression`` ...,
+    identity) and the communication budget (``--communication_budget_mb``, operational).
   - :class:`FederationOperationalArguments`: how the federation is run (rounds, deadlines), which an
     operator may change when restarting it. :func:`federation_changes` tells the two kinds of change apart.
 
@@ -40,6 +42,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from .algorithms import BUILTIN_CONFIGS, AlgorithmConfig, algorithm_config_class, range_problem
+from .compression.config import COMPRESSION_OPERATIONAL, CompressionArguments
 from .privacy.config import PrivacyArguments
 from .secagg.config import SecAggArguments
 from .split.config import SplitArguments
@@ -181,8 +184,8 @@ class FederationOperationalArguments:
 
 # A dataclass takes its bases' fields last base first: identity, the hyperparameters, then the operational ones.
 @dataclass
-class FederationArguments(FederationOperationalArguments, SplitArguments, SecAggArguments, PrivacyArguments,
-                          AlgorithmArguments, FederationIdentityArguments):
+class FederationArguments(FederationOperationalArguments, CompressionArguments, SplitArguments, SecAggArguments,
+                          PrivacyArguments, AlgorithmArguments, FederationIdentityArguments):
     """Shared by the whole federation; owned by the server and served to clients.
 
     One flat set of options in three groups (identity, the algorithms' hyperparameters, operational), as
@@ -230,8 +233,25 @@ class FederationArguments(FederationOperationalArguments, SplitArguments, SecAgg
         problems += self.privacy_problems()
         problems += self.secagg_problems()
         problems += self.split_problems()
+        problems += self.compression_problems()
+        problems += self.combination_problems()
         if problems:
             raise ValueError("; ".join(problems))
+
+    def combination_problems(self) -> list[str]:
+        """Features that each work alone but were not built to run together, refused with the reason."""
+        problems = []
+        if self.secagg_enabled and self.compression_enabled:
+            problems.append(f"--update_compression {self.update_compression} with --secure_aggregation is refused: "
+                            "a masked upload is a vector of the ring Z_2^bits (--secagg_bits sets its size), "
+                            "which the codecs do not apply to")
+        if self.split_enabled and self.secagg_enabled:
+            problems.append("--secure_aggregation with --fed_mode split is refused: the server runs the middle of "
+                            "the model on each client's activations, so it would not learn only the sum")
+        if self.split_enabled and self.fed_alg == "fedkseed":
+            problems.append("--fed_alg fedkseed with --fed_mode split is refused: FedKSeed tunes the whole model "
+                            "by zeroth-order steps on one side, split learning trains LoRA on both")
+        return problems
 
     def algorithm_hyperparameters(self) -> AlgorithmConfig:
         """``--fed_alg``'s hyperparameters, with this federation's values (not validated)."""
@@ -264,6 +284,7 @@ def federation_changes(stored: Mapping[str, Any], new: FederationArguments) -> t
     identity.update(f.name for f in dataclasses.fields(PrivacyArguments))
     identity.update(f.name for f in dataclasses.fields(SecAggArguments))
     identity.update(f.name for f in dataclasses.fields(SplitArguments))
+    identity.update(f.name for f in dataclasses.fields(CompressionArguments) if f.name not in COMPRESSION_OPERATIONAL)
     for fed_alg in {old["fed_alg"], new.fed_alg}:
         identity.update(f.name for f in dataclasses.fields(algorithm_config_class(fed_alg)))
     return ({k: v for k, v in changed.items() if k in identity},

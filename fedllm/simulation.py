@@ -46,6 +46,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .client.kseed import trainer_class
 from .client.state import ClientState, FederationBinding, PendingUpdate
 from .client.trainer import LocalTrainer, RoundResult
 from .config import ClientArguments, FederationArguments, SimulationArguments
@@ -197,8 +198,9 @@ class SimulatedClients(ClientPool):
         ``state_dir``: the trainer's state folder until it is pointed at a client (default: the first client's).
         """
         first, *_ = sources
-        trainer = LocalTrainer(server_config, dataclasses.replace(client_args, dataset_name=sources[first]),
-                               state_dir=state_dir or clients_dir / first)
+        trainer = trainer_class(server_config)(  # FedKSeed's zeroth-order trainer, else the TRL one
+            server_config, dataclasses.replace(client_args, dataset_name=sources[first]),
+            state_dir=state_dir or clients_dir / first)
         pool = cls(trainer, clients_dir, sources)
         pool.datasets[first] = (trainer.train_dataset, trainer.eval_dataset)
         return pool

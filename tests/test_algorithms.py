@@ -391,8 +391,8 @@ def test_cosine_schedule():
 # ---------------------------------------------------------------- registry
 
 
-def test_registry_lists_all_ten_and_rejects_unknown_names():
-    assert sorted(BUILTIN) == sorted(BUILTIN_CONFIGS) == sorted(ALL_NAMES)
+def test_registry_lists_all_eleven_and_rejects_unknown_names():
+    assert sorted(BUILTIN) == sorted(BUILTIN_CONFIGS) == sorted([*ALL_NAMES, "fedkseed"])  # FedKSeed: test_fedkseed
     assert set(ALL_NAMES) <= set(available_algorithms())
     for name in ALL_NAMES:
         algo = get_algorithm(name, make_config())

@@ -74,7 +74,7 @@ def test_a_subcommand_names_itself_in_its_usage(capsys) -> None:
 
 def test_config_prints_every_option_group(capsys) -> None:
     assert exit_code(["config"]) == EXIT_OK
-    assert capsys.readouterr().out.count("\n== ") == 7  # eight groups; the first starts the output
+    assert capsys.readouterr().out.count("\n== ") == 8  # nine groups; the first starts the output
     assert exit_code(["config", "--everything"]) == EXIT_USAGE
 
 

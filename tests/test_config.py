@@ -36,7 +36,8 @@ SERVED_DEFAULTS = {
     "seed": 2023, "max_steps": 10, "learning_rate": 2e-05, "lr_schedule": "constant", "min_learning_rate": 1e-06,
     "wire_dtype": "float32", "prox_mu": 0.01, "server_momentum": 0.9, "server_lr": 1.0, "fedopt_eta": 0.001,
     "fedopt_tau": 0.001, "fedopt_beta1": 0.9, "fedopt_beta2": 0.99, "trim_ratio": 0.1, "krum_malicious": 1,
-    "krum_keep": 1, "max_update_norm": 0.0, "dpo_beta": 0.1, "dpo_reference": "global", "save_model_freq": 10,
+    "krum_keep": 1, "kseed_k": 4096, "kseed_epsilon": 1e-3, "kseed_pro": False, "kseed_lora": False,
+    "max_update_norm": 0.0, "dpo_beta": 0.1, "dpo_reference": "global", "save_model_freq": 10,
     "max_control_norm": 1e6,
     # differential privacy (fedllm/privacy/config.py), off by default
     "secure_aggregation": "off", "secagg_threshold": 0.5, "secagg_neighbours": 0, "secagg_bits": 32,
@@ -46,6 +47,8 @@ SERVED_DEFAULTS = {
     "dp_clipped_count_stddev": None, "client_sampling": "uniform",
     "fed_mode": "lora", "split_head_layers": 2, "split_tail_layers": 2, "split_activation_noise": 0.0,
     "split_gradient_clip": 0.0, "split_gradient_noise": 0.0, "split_private_ends": False,
+    # compressed updates and the communication budget (fedllm/compression/config.py), off by default
+    "update_compression": "none", "compression_block_size": 128, "topk_fraction": 0.01, "communication_budget_mb": 0.0,
 }
 
 
@@ -246,8 +249,9 @@ def test_every_option_is_identity_or_operational():
     identity |= {f.name for f in dataclasses.fields(PrivacyArguments)}  # privacy changes what is computed
     identity |= {f.name for f in dataclasses.fields(SecAggArguments)}  # so does secure aggregation
     identity |= {f.name for f in dataclasses.fields(SplitArguments)}  # so does the cut of the model
+    identity |= {"update_compression", "compression_block_size", "topk_fraction"}  # so does a lossy codec
     hyperparameters = {f.name for config in BUILTIN_CONFIGS.values() for f in dataclasses.fields(config)}
-    assert identity | hyperparameters | OPERATIONAL_OPTIONS == set(SERVED_DEFAULTS)
+    assert identity | hyperparameters | OPERATIONAL_OPTIONS | {"communication_budget_mb"} == set(SERVED_DEFAULTS)
     assert not identity & OPERATIONAL_OPTIONS and not hyperparameters & (identity | OPERATIONAL_OPTIONS)
     assert federation_changes(stored(federation()), federation(dp="server")) == ({"dp": ("off", "server")}, {})
     assert federation_changes(stored(federation()), federation(fed_mode="split")) == (
@@ -303,7 +307,7 @@ def test_config_py_prints_every_option_grouped_without_importing_torch():
     sections = re.split(r"^== ", done.stdout, flags=re.M)[1:]
     assert [s.split(" (")[0] for s in sections] == [
         "Federation identity", "Federation, operational", "Algorithm hyperparameters", "Differential privacy",
-        "Server", "Client",
+        "Compression and communication budget", "Server", "Client",
         "Simulation", "Evaluation"]
     option = re.compile(r" +--(\w+) [A-Z]+$")  # an option's line: --name TYPE (help text follows, indented)
     options = {s.split(" (")[0]: {m[1] for m in map(option.match, s.splitlines()) if m} for s in sections}
@@ -323,5 +327,15 @@ def test_config_py_prints_every_option_grouped_without_importing_torch():
         "fedadagrad": ["fedopt_eta", "fedopt_tau"],
         "fedyogi, fedadam": ["fedopt_eta", "fedopt_tau", "fedopt_beta1", "fedopt_beta2"],
         "fedtrimmedavg": ["trim_ratio"], "krum": ["krum_malicious", "krum_keep"], "fedavg, scaffold, fedmedian": [],
+        "fedkseed": ["kseed_k", "kseed_epsilon", "kseed_pro", "kseed_lora"],
     }
     assert "adaptivity τ > 0" in sections[2]  # with the help text
+
+
+@pytest.mark.parametrize(("overrides", "reason"), [
+    ({"secure_aggregation": "secagg+", "update_compression": "int8"}, "a masked upload is a vector of the ring"),
+    ({"secure_aggregation": "secagg+", "fed_mode": "split"}, "would not learn only the sum"),
+    ({"fed_mode": "split", "fed_alg": "fedkseed"}, "FedKSeed tunes the whole model"),
+])
+def test_features_not_built_to_run_together_are_refused(overrides, reason):
+    assert reason in refused(federation(**overrides))

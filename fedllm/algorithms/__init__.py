@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from .base_config import AlgorithmConfig, check_range, range_problem
 from .fedavgm_config import FedAvgMConfig
+from .fedkseed_config import FedKSeedConfig
 from .fedopt_config import FedOptConfig, FedOptMomentsConfig
 from .fedprox_config import FedProxConfig
 from .fedtrimmedavg_config import FedTrimmedAvgConfig
@@ -47,6 +48,7 @@ _BUILTIN: dict[str, tuple[str, str, type[AlgorithmConfig]]] = {
     "fedmedian": ("fedmedian", "FedMedian", AlgorithmConfig),
     "fedtrimmedavg": ("fedtrimmedavg", "FedTrimmedAvg", FedTrimmedAvgConfig),
     "krum": ("krum", "Krum", KrumConfig),
+    "fedkseed": ("fedkseed", "FedKSeed", FedKSeedConfig),
 }
 
 BUILTIN_CONFIGS: dict[str, type[AlgorithmConfig]] = {name: config for name, (_, _, config) in _BUILTIN.items()}
@@ -107,7 +109,7 @@ def get_algorithm(name: str, config: Any) -> FedAlgorithm:
 
 __all__ = [
     "BUILTIN", "BUILTIN_CONFIGS", "CONTROL_PREFIX", "ENTRY_POINT_GROUP", "AlgorithmConfig", "ClientHook",
-    "ClippedUpdate", "FedAdagrad", "FedAdam", "FedAlgorithm", "FedAvg", "FedAvgM", "FedAvgMConfig", "FedMedian",
+    "ClippedUpdate", "FedAdagrad", "FedAdam", "FedAlgorithm", "FedAvg", "FedAvgM", "FedAvgMConfig", "FedKSeed", "FedKSeedConfig", "FedMedian",
     "FedOpt", "FedOptConfig", "FedOptMomentsConfig", "FedProx", "FedProxConfig", "FedTrimmedAvg",
     "FedTrimmedAvgConfig", "FedYogi", "InMemoryUpdate", "Krum", "KrumConfig", "MeanDeltaAlgorithm", "Scaffold",
     "Update", "algorithm_class", "algorithm_config_class", "available_algorithms", "check_range",

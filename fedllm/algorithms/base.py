@@ -141,6 +141,8 @@ class FedAlgorithm(ABC):
 
     name: ClassVar[str]
     config_class: ClassVar[type[AlgorithmConfig]] = AlgorithmConfig
+    # Whether the global tensors are a LoRA adapter the server exports as PEFT directories (FedKSeed's are not).
+    exports_peft_adapter: ClassVar[bool] = True
 
     def __init__(self, config: Any):
         """``config`` is the federation's ``FederationArguments``; ``self.hparams`` its values of the
@@ -151,6 +153,16 @@ class FedAlgorithm(ABC):
 
     def init_state(self, global_params: Mapping[str, torch.Tensor]) -> Tensors:
         return {}
+
+    def initial_global(self, adapter: Mapping[str, torch.Tensor]) -> Tensors:
+        """The first global version's tensors (what clients download, what is aggregated), given the initial
+        LoRA adapter: the adapter itself, except for algorithms that tune something else (FedKSeed's scalars)."""
+        return dict(adapter)
+
+    def upload_format(self, spec: Mapping[str, tuple[int, ...]], wire_dtype: str, max_steps: int) -> tuple[Any, Any] | None:
+        """``(validate(path) -> metadata, open_update(row, path) -> Update)`` for uploads that are not the spec's
+        dense tensors (FedKSeed's seed pairs); None: dense uploads, checked by fedllm.wire."""
+        return None
 
     @abstractmethod
     def aggregate(

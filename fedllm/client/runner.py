@@ -31,6 +31,7 @@ from ..privacy.dp_sgd import LEDGER_FILE, DPSGDLedger
 from ..wire import WireError, decode_file, parse_header
 from .distributed import ProcessGroup, RoundOrder, join_process_group
 from .http import FederationClient, ServerError
+from .kseed import ZerothOrderTrainer, trainer_class
 from .state import ClientState, FederationBinding, PendingUpdate
 from .trainer import LocalTrainer, resolve_device
 from .trust import check_clip_norm, check_round_config, check_round_status, check_server_config, download_limit
@@ -204,7 +205,7 @@ def run_client(args: ClientArguments) -> ClientReport:
 
         trainer = SplitTrainer(server_config, args, client)
     else:
-        trainer = LocalTrainer(server_config, args)
+        trainer = trainer_class(server_config)(server_config, args)
     client.join(trainer.num_samples)
     log.info("%s joined: %d examples, %s/%s, %d rounds", args.client_id, trainer.num_samples,
              federation["task"], federation["fed_alg"], federation["num_rounds"],
@@ -225,7 +226,7 @@ def run_client(args: ClientArguments) -> ClientReport:
             poller.reset()
             last_seen = (status["phase"], status["round"])
         if status["phase"] == "finished":
-            report.final_adapter = _save_final(client, server_config, output_dir)
+            report.final_adapter = _save_final(client, server_config, output_dir, trainer)
             report.seconds = time.time() - started
             _report_privacy(report, status, state)
             log.info("federation finished after %d rounds; final adapter in %s", status["round"], report.final_adapter,
@@ -353,13 +354,16 @@ def _report_privacy(report: ClientReport, status: dict[str, Any], state: Any) ->
             log.info("privacy spent by the %s: ε = %s at δ = %.3g", what, "n/a" if eps is None else f"{eps:.3f}", delta)
 
 
-def _save_final(client: FederationClient, server_config: dict[str, Any], output_dir: Path) -> Path:
+def _save_final(client: FederationClient, server_config: dict[str, Any], output_dir: Path,
+                trainer: LocalTrainer | None = None) -> Path:
     from peft import LoraConfig
 
     from .trainer import LORA_KEYS
 
     global_path, _version, _sha = client.download_global(output_dir / "cache", download_limit(server_config))
     tensors = load_global(global_path, server_config)
+    if isinstance(trainer, ZerothOrderTrainer):  # FedKSeed: the model rebuilt from the final scalars
+        return trainer.save_final(tensors, output_dir / "final_model")
     adapter = {k: v for k, v in tensors.items() if k in server_config["adapter"]}
     if server_config["federation"].get("fed_mode") == "split":  # the head and tail; the middle is the server's
         from ..split.client import final_ends

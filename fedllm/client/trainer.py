@@ -33,6 +33,8 @@ from ..adapter import (
 )
 from ..algorithms import ClientHook, get_algorithm
 from ..algorithms.base import Tensors
+from ..compression.codecs import Codec, get_codec
+from ..compression.updates import compress_with_feedback, encode_body, residual_state, split_residual
 from ..config import ClientArguments, FederationArguments
 from ..privacy.dp_fedavg import UNCLIPPED_METRIC, clip_delta
 from ..privacy.dp_sgd import DPSGDLedger, default_delta, dp_sgd_trainer
@@ -68,9 +70,13 @@ class RoundResult:
     tensors: Tensors  # delta (local − global) and the algorithm's extra upload tensors
     metrics: dict[str, float] = field(default_factory=dict)
     state: Tensors = field(default_factory=dict)  # the hook state the round leaves once its upload is accepted
+    codec: Codec | None = None  # --update_compression: the upload is ``parts``, the codec's encoding of ``tensors``
+    parts: Tensors = field(default_factory=dict)
 
     def encode(self, wire_dtype: str) -> bytes:
-        """The upload body: the tensors in ``wire_dtype``, the metrics as safetensors metadata."""
+        """The upload body: the tensors in ``wire_dtype`` (or the codec's parts), the metrics as safetensors metadata."""
+        if self.codec is not None:
+            return encode_body(self.codec, self.parts, metrics_metadata(self.metrics))
         return encode(self.tensors, wire_dtype, metadata=metrics_metadata(self.metrics))
 
 
@@ -160,6 +166,7 @@ class LocalTrainer:
         self.train_dataset, self.eval_dataset = self.load_datasets()
         self.num_samples = len(self.train_dataset)
         self.hook = get_algorithm(self.federation.fed_alg, self.federation).client_hook()
+        self.codec = get_codec(self.federation)  # chosen by the server (/v1/config), never by a client flag
 
     def _load_model(self, model_path: str, on_gpu: bool):
         kwargs: dict[str, Any] = {}
@@ -307,7 +314,8 @@ class LocalTrainer:
             self._set_reference(global_tensors)
         before = get_adapter_tensors(self.model)  # after the trainer is built: QLoRA casts the adapter to bf16
         # Every round starts from the committed state, never from a round whose upload was not accepted.
-        self.hook.load_state_dict(self.client_state.committed() if hook_state is None else hook_state)
+        hook_committed, residual = split_residual(self.client_state.committed() if hook_state is None else hook_state)
+        self.hook.load_state_dict(hook_committed)
         self.hook.begin_round(self.params, global_tensors)
         trainer.train()
         after = get_adapter_tensors(self.model)
@@ -319,7 +327,11 @@ class LocalTrainer:
             metrics[UNCLIPPED_METRIC] = float(within)
         tensors.update(self.hook.end_round(self.params, trainer.state.global_step, learning_rate))
         metrics.update(self._train_metrics(trainer.state.log_history, trainer.state.global_step, started))
-        return RoundResult(tensors, metrics, self.hook.state_dict())
+        if self.codec is None:
+            return RoundResult(tensors, metrics, self.hook.state_dict())
+        # Error feedback: what the codec drops now joins the next round's delta (pending like the hook state).
+        parts, residual = compress_with_feedback(self.codec, tensors, residual, self.federation.wire_dtype)
+        return RoundResult(tensors, metrics, {**self.hook.state_dict(), **residual_state(residual)}, self.codec, parts)
 
     def _account_dp_sgd(self, steps: int) -> dict[str, float]:
         """Add this round's DP-SGD steps to the client's ledger; the (ε, δ) spent so far, as metrics."""

@@ -13,6 +13,7 @@ import textwrap
 from importlib.metadata import entry_points
 
 from ..algorithms import BUILTIN_CONFIGS, ENTRY_POINT_GROUP, AlgorithmConfig
+from ..compression.config import CompressionArguments
 from ..config import (
     ClientArguments,
     EvaluationArguments,
@@ -89,6 +90,8 @@ def describe() -> str:
         _algorithm_group(),
         _group("Differential privacy (identity too)", "fedllm server, fedllm simulate; served to clients",
                PrivacyArguments),
+        _group("Compression and communication budget (codec options identity, the budget operational)",
+               "fedllm server, fedllm simulate; served to clients", CompressionArguments),
         _group("Server", "fedllm server, server_http.py, run_server.sh", ServerArguments),
         _group("Client", "fedllm client, client_http.py, run_client.sh", ClientArguments),
         _group("Simulation", "fedllm simulate, with the federation options and the client's local-training ones",

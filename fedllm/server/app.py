@@ -283,6 +283,7 @@ def create_app(
         else:
             response = send_file(latest.path, mimetype="application/octet-stream", conditional=False, etag=False,
                                  max_age=0)
+            federation.record_download(g.client_id, latest.size)
         response.headers["ETag"] = f'"{etag}"'
         response.headers["X-FedLLM-Version"] = str(latest.version)
         return response

@@ -27,6 +27,8 @@ import torch
 
 from ..adapter import adapter_spec, build_lora_config, initial_adapter, load_model_config, model_fingerprint
 from ..algorithms import FedAlgorithm, get_algorithm
+from ..compression.codecs import get_codec
+from ..compression.updates import compressed_reader, compressed_validator
 from ..config import FederationArguments, federation_changes
 from ..wire import DTYPE_CODE, WIRE_DTYPES
 from .admin import OperatorActions
@@ -36,7 +38,7 @@ from .rounds import PRIVACY_KEY as ROUNDS_PRIVACY_KEY
 from .rounds import RoundEngine
 from .secure_rounds import SecureRounds
 from .store import GlobalRow, Store
-from .versions import GlobalVersions, write_version
+from .versions import FileUpdate, GlobalVersions, write_version
 
 log = logging.getLogger("fedllm.server")
 
@@ -97,11 +99,12 @@ class Federation:
         self.max_upload_bytes = max_upload_bytes or 2 * adapter_bytes + (1 << 20)
         self.versions = GlobalVersions(store, self.config.wire_dtype, self.algorithm, self.lora_config_dict,
                                        self.output_dir)
+        validate, open_update = self._upload_format()
         self.rounds = RoundEngine(store, self.config, self.algorithm, self.versions,
-                                  carries_client_state=set(self.upload_spec) != set(self.spec))
+                                  carries_client_state=set(self.upload_spec) != set(self.spec), open_update=open_update)
         self.uploads = UploadIngestor(store, self.rounds, self.upload_spec, self.config.wire_dtype,
                                       self.max_upload_bytes, self.config.max_control_norm,
-                                      clip_norm=self.rounds.current_clip_norm)
+                                      clip_norm=self.rounds.current_clip_norm, validate=validate)
         self.operator = OperatorActions(store, self.rounds)
         self.secure: SecureRounds | None = None
         if self.config.secagg_enabled:
@@ -109,6 +112,16 @@ class Federation:
                                        self.rounds.resample_secure)
             self.rounds.secure = self.secure
         self._last_seen: dict[str, float] = {}
+
+    def _upload_format(self) -> tuple[Any, Any]:
+        """How uploads are checked and read: dense (fedllm.wire), a codec's (fedllm.compression), or the
+        algorithm's own (FedKSeed's seed pairs)."""
+        codec = get_codec(self.config)
+        if codec is not None:
+            return (compressed_validator(codec, self.upload_spec, self.config.wire_dtype),
+                    compressed_reader(codec, self.upload_spec))
+        own = self.algorithm.upload_format(self.upload_spec, self.config.wire_dtype, self.config.max_steps)
+        return own if own is not None else (None, FileUpdate)
 
     # ------------------------------------------------------------------ setup
     @staticmethod
@@ -185,9 +198,10 @@ class Federation:
             from ..split.model import CLIENT_PARTS, SplitPlan
 
             plan = SplitPlan.of(model_config, config.split_head_layers, config.split_tail_layers)
-            kept = plan.select(spec, CLIENT_PARTS)
-            spec, adapter = {k: spec[k] for k in kept}, {k: adapter[k] for k in kept}
+            adapter = {k: adapter[k] for k in plan.select(spec, CLIENT_PARTS)}
         algorithm = build_algorithm(config)
+        adapter = algorithm.initial_global(adapter)
+        spec = {name: tuple(tensor.shape) for name, tensor in adapter.items()}
         state = algorithm.init_state(adapter)
         lora_dict = lora.to_dict()
         lora_dict["target_modules"] = sorted(lora_dict["target_modules"]) if lora_dict.get("target_modules") else None
@@ -241,6 +255,11 @@ class Federation:
 
     def is_removed(self, client_id: str) -> bool:
         return self.store.is_removed(self.store.read(), client_id)
+
+    def record_download(self, client_id: str | None, size: int) -> None:
+        """Count a global adapter of ``size`` bytes served to ``client_id`` (fedllm.server.traffic)."""
+        if client_id is not None:
+            self.rounds.traffic.record_download(client_id, size)
 
     def seen(self, client_id: str) -> None:
         """Record that a joined client polled; at most one durable write per client per SEEN_INTERVAL per process.

@@ -48,7 +48,8 @@ class UploadIngestor:
 
     def __init__(self, store: Store, rounds: RoundEngine, upload_spec: dict[str, tuple[int, ...]], wire_dtype: str,
                  max_upload_bytes: int, max_control_norm: float = 0.0,
-                 clip_norm: Callable[[], float | None] | None = None):
+                 clip_norm: Callable[[], float | None] | None = None,
+                 validate: Callable[[Path], dict[str, str]] | None = None):
         self.store = store
         self.rounds = rounds
         self.upload_spec = upload_spec
@@ -56,6 +57,8 @@ class UploadIngestor:
         self.max_upload_bytes = max_upload_bytes
         self.max_control_norm = max_control_norm
         self.clip_norm = clip_norm or (lambda: None)  # --dp client: the norm every delta must keep to
+        # The check of one upload file, returning its metadata: dense safetensors, or a codec's (fedllm.compression).
+        self.validate = validate or (lambda path: validate_tensors_file(path, self.upload_spec, self.wire_dtype))
 
     def receive(self, client_id: str, round_number: int, num_samples: int, read: Callable[[int], bytes],
                 content_length: int | None, claimed_sha256: str | None) -> dict[str, Any]:
@@ -84,7 +87,7 @@ class UploadIngestor:
             if self._carried(client_id, round_number, digest):  # a retry of an update an abort carried away
                 return {"accepted": True, "duplicate": True, "round": round_number, "sha256": digest}
             try:
-                metadata = validate_tensors_file(incoming, self.upload_spec, self.wire_dtype)
+                metadata = self.validate(incoming)
             except WireError as exc:
                 raise (InvalidUpdate if exc.status == 422 else MalformedUpdate)(str(exc)) from None
             self._check_control_norm(incoming)

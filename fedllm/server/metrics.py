@@ -22,7 +22,9 @@ What is measured:
 * read from the store at scrape time: ``fedllm_round``, ``fedllm_num_rounds``,
   ``fedllm_rounds_completed``, ``fedllm_phase{phase}``, ``fedllm_clients_known``,
   ``fedllm_clients_expected``, ``fedllm_clients_sampled``, ``fedllm_round_updates_received``,
-  ``fedllm_global_version``, ``fedllm_paused``, ``fedllm_dp_epsilon`` (with ``--dp``), ``fedllm_last_train_loss``, ``fedllm_last_eval_loss``;
+  ``fedllm_global_version``, ``fedllm_paused``, ``fedllm_dp_epsilon`` (with ``--dp``), ``fedllm_last_train_loss``, ``fedllm_last_eval_loss``,
+  ``fedllm_client_bytes_received{client}``, ``fedllm_client_bytes_sent{client}``, ``fedllm_communication_bytes``
+  (the run's total) and ``fedllm_communication_budget_bytes`` (with ``--communication_budget_mb``);
   with ``--secure_aggregation``: ``fedllm_secagg_stage{stage}``, ``fedllm_secagg_dropped{stage}``,
   ``fedllm_secagg_clients_in_stage``.
 """
@@ -149,6 +151,7 @@ class FederationCollector:
                   last.get("eval_loss")),
             gauge("fedllm_degraded", "1 while background progress is failing (see /healthz for the reason).",
                   float(health(self.federation.store, self.progress)["status"] != "ok")),
+            *self._traffic(status["communication"]),
         ]
         secagg = status.get("secagg")
         if secagg is not None:  # --secure_aggregation: the open stage, and who dropped at which stage
@@ -163,6 +166,26 @@ class FederationCollector:
             families += [stage, dropped, gauge("fedllm_secagg_clients_in_stage", "Clients the open secure-aggregation "
                                                "stage waits for.", secagg["clients_in_stage"])]
         yield from (f for f in families if f is not None)
+
+    def _traffic(self, communication: dict[str, Any]) -> list[Any]:
+        """Bytes per client (labels: joined clients only, so the series are bounded) and the run's total."""
+        from prometheus_client.core import GaugeMetricFamily
+
+        store = self.federation.store
+        traffic = store.traffic(store.read())
+        up = GaugeMetricFamily("fedllm_client_bytes_received", "Accepted upload bytes from each client.",
+                               labels=["client"])
+        down = GaugeMetricFamily("fedllm_client_bytes_sent", "Global adapter bytes served to each client.",
+                                 labels=["client"])
+        for client, totals in sorted(traffic.items()):
+            up.add_metric([client], totals["received"])
+            down.add_metric([client], totals["sent"])
+        families = [up, down, GaugeMetricFamily("fedllm_communication_bytes", "Bytes sent and received in the run.",
+                                                value=communication["total_bytes"])]
+        if communication["budget_bytes"]:
+            families.append(GaugeMetricFamily("fedllm_communication_budget_bytes", "--communication_budget_mb, in "
+                                              "bytes.", value=communication["budget_bytes"]))
+        return families
 
 
 def render(federation: Any, progress: Any = None) -> Response:

@@ -28,9 +28,10 @@ import logging
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
-from ..algorithms import FedAlgorithm, round_learning_rate, run_aggregation
+from ..algorithms import FedAlgorithm, Update, round_learning_rate, run_aggregation
 from ..config import FederationArguments
 from ..faults import fault_point
 from ..wire import all_finite
@@ -38,6 +39,7 @@ from .errors import NoOpenRound, NotSampled, RoundClosed, WrongRound
 from .sampler import ClientSampler
 from .secure_rounds import SecureRounds, aggregate_secure_mean
 from .store import RoundRow, Store, UpdateRow
+from .traffic import TrafficLedger
 from .versions import FileUpdate, GlobalVersions
 
 log = logging.getLogger("fedllm.server")
@@ -51,7 +53,8 @@ class RoundEngine:
     """Rounds of one federation: starting, closing, re-sampling and aggregating them."""
 
     def __init__(self, store: Store, config: FederationArguments, algorithm: FedAlgorithm, versions: GlobalVersions,
-                 *, carries_client_state: bool = False):
+                 *, carries_client_state: bool = False,
+                 open_update: Callable[[UpdateRow, Path], Update] = FileUpdate):
         self.store = store
         self.config = config
         self.algorithm = algorithm
@@ -64,6 +67,8 @@ class RoundEngine:
         self.carries_client_state = carries_client_state
         self.after_aggregation: list[Callable[[int], None]] = []
         self.secure: SecureRounds | None = None  # --secure_aggregation: the stages of each round (Federation sets it)
+        self.open_update = open_update  # an accepted update file, read lazily (decoded, when compressed)
+        self.traffic = TrafficLedger(store, config)
         self.accountant = None
         if config.dp_enabled:
             from ..privacy.accountant import accountant_for  # dp-accounting only where DP is on
@@ -103,6 +108,7 @@ class RoundEngine:
             "clients_joined": len(clients),
             "num_clients": self.config.num_clients,
             "paused": bool(self.store.get_meta(db, "paused")),
+            "communication": self.traffic.status(db),
         }
         privacy = self.privacy_status(db)
         if privacy is not None:
@@ -148,6 +154,10 @@ class RoundEngine:
         if allowed is not None and round_number > allowed:
             self._finish_early(db, round_number, f"the privacy budget --dp_target_epsilon "
                                                  f"{self.config.dp_target_epsilon:g} allows {allowed} rounds")
+            return
+        spent = self.traffic.allows_round(db, round_number)
+        if spent is not None:
+            self._finish_early(db, round_number, spent)
             return
         sampled = self.sampler.sample(eligible, round_number)
         self.store.insert_round(db, round_number, sampled, self._deadline())
@@ -316,11 +326,11 @@ class RoundEngine:
                 new_adapter, new_state = aggregate_secure_mean(self.algorithm, self.config, adapter, mean,
                                                                len(participants), state)
             else:
-                updates = [FileUpdate(r, self.store.resolve(r.path)) for r in rows]
+                updates = [self.open_update(r, self.store.resolve(r.path)) for r in rows]
                 new_adapter, new_state = run_aggregation(self.algorithm, adapter, updates, state)
             if carried:
                 new_state = self.algorithm.absorb_discarded(
-                    new_state, [FileUpdate(r, self.store.resolve(r.path)) for r in carried])
+                    new_state, [self.open_update(r, self.store.resolve(r.path)) for r in carried])
             fault_point("aggregate.loaded")
             bad = [k for k, v in {**new_adapter, **new_state}.items() if not all_finite(v)]
             if bad:
@@ -335,7 +345,8 @@ class RoundEngine:
             if saves_round:
                 self.versions.export(new_adapter, f"round_{version}")
             fault_point("aggregate.files_written")
-            record = history_record(current, rows, row.version, row.sha256, time.time() - started)
+            record = history_record(current, rows, row.version, row.sha256, time.time() - started,
+                                    self.store.round_bytes_sent(db, current.round))
             if self.secure is not None:
                 record.update(participants=participants, secagg={**self.secure.status(current), "weight": weight})
             privacy = self._privacy_record(version, state, new_state)
@@ -426,7 +437,7 @@ class RoundEngine:
 
 
 def history_record(current: RoundRow, rows: list[UpdateRow], version: int, sha256: str,
-                   seconds: float) -> dict[str, Any]:
+                   seconds: float, bytes_sent: int = 0) -> dict[str, Any]:
     """The ``/v1/history`` record of an aggregated round."""
     return {
         "round": current.round,
@@ -439,6 +450,7 @@ def history_record(current: RoundRow, rows: list[UpdateRow], version: int, sha25
         "seconds": time.time() - current.started_at,
         "aggregation_seconds": seconds,
         "bytes_received": sum(r.size for r in rows),
+        "bytes_sent": bytes_sent,  # global downloads while the round was open
         "global_version": version,
         "global_sha256": sha256,
         "metrics": {r.client_id: r.metrics for r in rows},

@@ -52,6 +52,9 @@ CREATE TABLE IF NOT EXISTS globals (
     version INTEGER PRIMARY KEY, sha256 TEXT NOT NULL, path TEXT NOT NULL, state_path TEXT NOT NULL,
     size INTEGER NOT NULL, created_at REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS history (round INTEGER PRIMARY KEY, record TEXT NOT NULL);
+-- Bytes of global adapters served to each joined client, by the round open when it downloaded.
+CREATE TABLE IF NOT EXISTS downloads (
+    round INTEGER NOT NULL, client_id TEXT NOT NULL, bytes INTEGER NOT NULL, PRIMARY KEY (round, client_id));
 -- When each client last polled: telemetry for operators, not federation state.
 CREATE TABLE IF NOT EXISTS presence (client_id TEXT PRIMARY KEY, last_seen REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS removed_clients (client_id TEXT PRIMARY KEY, removed_at REAL NOT NULL);
@@ -346,6 +349,27 @@ class Store:
             "FROM clients c LEFT JOIN presence p ON p.client_id = c.client_id ORDER BY c.client_id"
         )
         return {r[0]: {"num_samples": r[1], "joined_at": r[2], "last_seen": r[3]} for r in rows}
+
+    @staticmethod
+    def add_download(db: sqlite3.Connection, round_number: int, client_id: str, size: int) -> None:
+        db.execute("INSERT INTO downloads (round, client_id, bytes) VALUES (?, ?, ?) "
+                   "ON CONFLICT(round, client_id) DO UPDATE SET bytes = bytes + excluded.bytes",
+                   (round_number, client_id, size))
+
+    @staticmethod
+    def round_bytes_sent(db: sqlite3.Connection, round_number: int) -> int:
+        return int(db.execute("SELECT COALESCE(SUM(bytes), 0) FROM downloads WHERE round = ?",
+                              (round_number,)).fetchone()[0])
+
+    @staticmethod
+    def traffic(db: sqlite3.Connection) -> dict[str, dict[str, int]]:
+        """client -> bytes ``sent`` to it (global downloads) and ``received`` from it (accepted upload bodies)."""
+        totals: dict[str, dict[str, int]] = {}
+        for client, size in db.execute("SELECT client_id, SUM(bytes) FROM downloads GROUP BY client_id"):
+            totals.setdefault(client, {"sent": 0, "received": 0})["sent"] = int(size)
+        for client, size in db.execute("SELECT client_id, SUM(size) FROM updates GROUP BY client_id"):
+            totals.setdefault(client, {"sent": 0, "received": 0})["received"] = int(size)
+        return totals
 
     @staticmethod
     def record_presence(db: sqlite3.Connection, client_id: str) -> None:

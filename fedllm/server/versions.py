@@ -34,6 +34,7 @@ STATE_ALGO_PREFIX = "algo."
 # Settings of the served LoRA config that a PEFT adapter directory records.
 PEFT_DIR_KEYS = frozenset({"r", "lora_alpha", "lora_dropout", "target_modules", "bias", "task_type",
                            "base_model_name_or_path"})
+GLOBAL_EXPORT_FILE = "global.safetensors"  # the export of an algorithm whose global is no LoRA adapter
 KEPT_VERSIONS = 2  # global versions kept on disk: the newest and the one a late client may still be training on
 
 
@@ -115,14 +116,19 @@ class GlobalVersions:
         return write_version(self.store, self.wire_dtype, self.algorithm, version, adapter, state)
 
     def export(self, adapter: Mapping[str, torch.Tensor], name: str) -> Path:
-        """Write ``adapter`` as the PEFT directory ``output_dir/name``, replacing it atomically."""
+        """Write ``adapter`` as the PEFT directory ``output_dir/name`` (or, for an algorithm whose global is no LoRA
+        adapter, as ``output_dir/name/global.safetensors``), replacing it atomically."""
         from peft import LoraConfig
 
         settings = {k: v for k, v in self.lora_config.items() if k in PEFT_DIR_KEYS}
         target = self.output_dir / name
         tmp = self.output_dir / f".{name}.{os.getpid()}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
-        save_peft_adapter(tmp, adapter, LoraConfig(**settings))
+        if self.algorithm.exports_peft_adapter:
+            save_peft_adapter(tmp, adapter, LoraConfig(**settings))
+        else:  # e.g. FedKSeed's scalars and seeds: with the base model, they are the model (fedllm.client.kseed)
+            tmp.mkdir(parents=True)
+            save_file({k: v.contiguous() for k, v in adapter.items()}, str(tmp / GLOBAL_EXPORT_FILE))
         fsync_tree(tmp)  # durable before it replaces the previous export
         if target.exists():
             shutil.rmtree(target)

@@ -172,6 +172,7 @@ function drawCharts(history, numRounds) {
 
   drawChart($("chart-bytes"), [
     { name: "bytes_received", label: "bytes received", kind: "bar", points: points(history, "bytes_received") },
+    { name: "bytes_sent", label: "bytes sent", kind: "line", points: points(history, "bytes_sent") },
   ], { name: "bytes", maxRound: numRounds, zero: true, binary: true, format: fmtBytes });
 
   const secs = [
@@ -221,6 +222,11 @@ function drawHeader(round, history) {
       .map(([stage, n]) => `${n} at ${stage}`).join(", ");
     text += ` · SecAgg+ stage ${round.secagg.stage} (${round.secagg.answered ?? 0}/${round.secagg.clients_in_stage})`;
     if (dropped) text += `, dropped ${dropped}`;
+  }
+  const c = round.communication;
+  if (c) {  // the run's traffic, like FlowerTune's budget tracker
+    text += ` · traffic ${fmtBytes(c.total_bytes)}`;
+    if (c.budget_bytes) text += ` of ${fmtBytes(c.budget_bytes)} budget (${c.budget_state})`;
   }
   $("progress-text").textContent = text;
 }

@@ -1,0 +1,362 @@
+"""Compressed updates without HTTP: codec round trips, error feedback, the server's strict checks, aggregation."""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import math
+import shutil
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+import torch
+from safetensors.torch import save
+
+from fedllm.algorithms import InMemoryUpdate, get_algorithm, weighted_mean_delta
+from fedllm.compression.codecs import FP4_CODE, NF4_CODE, BlockwiseCodec, TopKCodec, get_codec, part_name
+from fedllm.compression.updates import (
+    COMPRESSION_METADATA,
+    CompressedFileUpdate,
+    compress_with_feedback,
+    encode_body,
+    encode_parts,
+    validate_compressed_file,
+)
+from fedllm.config import FederationArguments, federation_changes
+from fedllm.server import errors
+from fedllm.server.federation import Federation
+from fedllm.server.store import Store
+from fedllm.wire import WireError, decode_file, encode
+
+QUANTIZERS = ("int8", "nf4", "fp4")
+CODECS = (*QUANTIZERS, "topk")
+
+
+def codec_for(name: str, block_size: int = 64, fraction: float = 0.1):
+    return get_codec(SimpleNamespace(update_compression=name, compression_block_size=block_size,
+                                     topk_fraction=fraction))
+
+
+def samples() -> list[torch.Tensor]:
+    """Tensors a property must hold for: odd sizes, partial last blocks, zeros, outliers, tiny and large scales."""
+    g = torch.Generator().manual_seed(0)
+    heavy = torch.randn(333, generator=g)
+    heavy[17] = 80.0
+    return [torch.randn(64, 3, generator=g), torch.randn(1001, generator=g) * 1e-4, heavy, torch.zeros(130),
+            torch.randn(7, generator=g) * 1e3, torch.randn(1, generator=g), torch.randn(4, 129, generator=g)]
+
+
+@pytest.mark.parametrize("name", QUANTIZERS)
+@pytest.mark.parametrize("block_size", [2, 64, 128])
+def test_blockwise_round_trip_is_within_the_stated_error(name: str, block_size: int) -> None:
+    codec = codec_for(name, block_size)
+    assert codec.error_per_absmax == pytest.approx({"int8": 1 / 254, "nf4": (1 - 0.6961928009986877) / 2,
+                                                    "fp4": 1 / 6}[name])
+    for x in samples():
+        parts = encode_parts(codec, {"x": x}, "float32")
+        layout = codec.layout(x.numel(), "float32")
+        assert {k: [str(v.dtype), list(v.shape)] for k, v in codec.encode(x, "float32").items()} == {
+            k: [{"I8": "torch.int8", "U8": "torch.uint8", "F32": "torch.float32"}[code], shape]
+            for k, (code, shape) in layout.items()}
+        decoded = codec.decode({p: parts[part_name("x", p)] for p in layout}, tuple(x.shape))
+        flat = x.reshape(-1)
+        blocks = torch.nn.functional.pad(flat, (0, -flat.numel() % block_size)).view(-1, block_size)
+        bound = (blocks.abs().amax(1, keepdim=True) * codec.error_per_absmax).expand_as(blocks).reshape(-1)
+        error = (decoded.reshape(-1) - flat).abs()
+        assert bool((error <= bound[:flat.numel()] * (1 + 1e-5) + 1e-30).all()), (name, float(error.max()))
+        assert decoded.shape == x.shape
+        # Each block's largest value survives exactly (±1 is a code of every table), so zeros stay zeros.
+        assert bool((decoded.reshape(-1)[flat == 0] == 0).all())
+
+
+@pytest.mark.parametrize("fraction", [0.01, 0.1, 1.0])
+def test_topk_keeps_the_largest_entries_exactly_and_contracts(fraction: float) -> None:
+    codec = codec_for("topk", fraction=fraction)
+    for x in samples():
+        parts = codec.encode(x, "float32")
+        k = max(1, math.ceil(fraction * x.numel()))
+        assert parts["idx"].shape == (k,) and parts["val"].shape == (k,) and parts["idx"].dtype == torch.int32
+        assert bool((parts["idx"][1:] > parts["idx"][:-1]).all())
+        decoded = codec.decode(parts, tuple(x.shape)).reshape(-1)
+        flat = x.reshape(-1)
+        kept = torch.zeros_like(flat, dtype=torch.bool)
+        kept[parts["idx"].long()] = True
+        assert torch.equal(decoded[kept], flat[kept])
+        if (~kept).any():
+            assert float(flat[~kept].abs().max()) <= float(flat[kept].abs().min())
+        assert float((flat - decoded).norm() ** 2) <= (1 - k / flat.numel()) * float(flat.norm() ** 2) + 1e-9
+
+
+def test_topk_values_travel_in_the_wire_dtype() -> None:
+    parts = codec_for("topk").encode(torch.randn(100), "bfloat16")
+    assert parts["val"].dtype == torch.bfloat16 and codec_for("topk").layout(100, "bfloat16")["val"] == ("BF16", [10])
+
+
+def test_code_tables_are_bitsandbytes() -> None:
+    """NF4 codes are bitsandbytes' byte for byte; FP4 dequantizes to exactly bitsandbytes' values."""
+    bnb = pytest.importorskip("bitsandbytes.functional")
+    assert tuple(bnb.get_4bit_type("nf4", device="cpu").tolist()) == pytest.approx(NF4_CODE, abs=0)
+    assert tuple(bnb.get_4bit_type("fp4", device="cpu").tolist()) == pytest.approx(FP4_CODE, abs=1e-7)
+    x = torch.randn(4096, generator=torch.Generator().manual_seed(1))
+    for name in ("nf4", "fp4"):
+        codec = codec_for(name, block_size=64)
+        try:
+            packed, state = bnb.quantize_4bit(x, blocksize=64, quant_type=name)
+        except (RuntimeError, NotImplementedError) as exc:  # a build without the CPU backend
+            pytest.skip(f"bitsandbytes cannot quantize on CPU here: {exc}")
+        ours = codec.encode(x, "float32")
+        assert torch.equal(state.absmax, ours["absmax"])
+        if name == "nf4":
+            assert torch.equal(packed.view(-1), ours["q"])
+        assert torch.equal(bnb.dequantize_4bit(packed, state).view(-1), codec.decode(ours, (4096,)))
+
+
+@pytest.mark.parametrize("name", CODECS)
+def test_error_feedback_residual_stays_bounded_over_100_rounds(name: str) -> None:
+    """e_{t+1} = (Δ_t + e_t) − D(C(Δ_t + e_t)) stays within the codec's contraction bound, and what is sent
+    adds up to what was trained: Σ_t D(C(·)) = Σ_t Δ_t − e_T exactly (nothing is lost, only delayed)."""
+    codec = codec_for(name, block_size=32, fraction=0.1)
+    g = torch.Generator().manual_seed(2)
+    residual: dict[str, torch.Tensor] = {}
+    sent_total = torch.zeros(40, 25)
+    trained_total = torch.zeros(40, 25)
+    largest_delta = 0.0
+    norms = []
+    for _ in range(100):
+        delta = {"w": torch.randn(40, 25, generator=g) * 0.01}
+        parts, residual = compress_with_feedback(codec, delta, residual, "float32")
+        sent_total += codec.decode({p: parts[part_name("w", p)] for p in codec.layout(1000, "float32")}, (40, 25))
+        trained_total += delta["w"]
+        largest_delta = max(largest_delta, float(delta["w"].norm()) if name == "topk" else float(delta["w"].abs().max()))
+        norms.append(float(residual["w"].norm()) if name == "topk" else float(residual["w"].abs().max()))
+    if name == "topk":  # ‖C(x) − x‖ ≤ √(1−δ)‖x‖, δ = k/n  ⇒  ‖e‖ ≤ √(1−δ)/(1−√(1−δ)) · max‖Δ‖
+        c = math.sqrt(1 - 0.1)
+        bound = c / (1 - c) * largest_delta
+    else:  # |e| ≤ ε (max|Δ| + max|e|)  ⇒  max|e| ≤ ε/(1−ε) · max|Δ|
+        eps = codec.error_per_absmax
+        bound = eps / (1 - eps) * largest_delta
+    assert max(norms) <= bound * (1 + 1e-4)
+    assert max(norms[50:]) <= 2 * max(norms[:50])  # no drift upwards
+    torch.testing.assert_close(sent_total + residual["w"], trained_total, rtol=0, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------- configuration
+def test_compression_options_are_validated_and_classified(tiny_model_dir: Path) -> None:
+    def config(**kw: Any) -> FederationArguments:
+        return FederationArguments(model_name_or_path=str(tiny_model_dir), **kw)
+
+    config(update_compression="nf4", compression_block_size=64).validate()
+    for bad, message in [({"update_compression": "zip"}, "--update_compression must be one of"),
+                         ({"compression_block_size": 1}, "--compression_block_size"),
+                         ({"topk_fraction": 0.0}, "--topk_fraction"), ({"topk_fraction": 1.5}, "--topk_fraction"),
+                         ({"communication_budget_mb": -1.0}, "--communication_budget_mb"),
+                         ({"update_compression": "int8", "fed_alg": "scaffold"}, "with --fed_alg scaffold"),
+                         ({"update_compression": "int8", "dp": "client"}, "with --dp client")]:
+        with pytest.raises(ValueError, match=message):
+            config(**bad).validate()
+    stored = vars(config())
+    identity, operational = federation_changes(stored, config(update_compression="int8", communication_budget_mb=5.0))
+    assert set(identity) == {"update_compression"} and set(operational) == {"communication_budget_mb"}
+
+
+# ---------------------------------------------------------------------------------------------- the server
+CLIENTS = {"alice": 10, "bob": 30}
+
+
+@pytest.fixture(scope="module")
+def prepared(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One joined state dir per codec."""
+    root = tmp_path_factory.mktemp("compression")
+    for name in CODECS:
+        config = FederationArguments(model_name_or_path=str(tiny_model_dir), num_clients=2, sample_clients=2,
+                                     num_rounds=2, peft_lora_r=4, round_timeout=0, save_model_freq=0,
+                                     update_compression=name, compression_block_size=64, topk_fraction=0.05)
+        Federation.initialize(config, root / f"{name}-fresh")
+        store = Store(root / f"{name}-fresh")
+        federation = Federation(store)
+        for client, n in CLIENTS.items():
+            federation.join(client, n)
+        store.close()
+    return root
+
+
+@pytest.fixture
+def open_federation(prepared: Path, tmp_path: Path):
+    stores: list[Store] = []
+
+    def _open(name: str) -> Federation:
+        state_dir = tmp_path / name
+        shutil.copytree(prepared / f"{name}-fresh", state_dir)
+        stores.append(Store(state_dir))
+        return Federation(stores[-1])
+
+    yield _open
+    for store in stores:
+        store.close()
+
+
+def deltas(fed: Federation, seed: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {k: torch.randn(shape, generator=g) * 0.01 for k, shape in fed.upload_spec.items()}
+
+
+def push(fed: Federation, client: str, body: bytes) -> dict[str, Any]:
+    return fed.receive_update(client, fed.status()["round"], CLIENTS[client], io.BytesIO(body).read, len(body), None)
+
+
+def stored_updates(fed: Federation) -> list[Path]:
+    return [p for p in fed.store.root.joinpath("updates").rglob("*") if p.is_file()]
+
+
+@pytest.mark.parametrize("name", CODECS)
+def test_the_server_aggregates_the_decoded_updates(name: str, open_federation) -> None:
+    fed = open_federation(name)
+    codec = get_codec(fed.config)
+    decoded = []
+    for seed, client in enumerate(CLIENTS):
+        parts, _ = compress_with_feedback(codec, deltas(fed, seed), {}, fed.config.wire_dtype)
+        body = encode_body(codec, parts, {"train_loss": "1.5"})
+        assert len(body) < 0.6 * len(encode(deltas(fed, seed), "float32"))  # the tiny adapter's header is large
+        assert push(fed, client, body)["accepted"]
+        decoded.append(InMemoryUpdate(client, CLIENTS[client], {
+            k: codec.decode({p: parts[part_name(k, p)] for p in codec.layout(1, "float32")}, tuple(s))
+            for k, s in fed.spec.items()}))
+    before = decode_file(fed.latest_global().path)
+    assert fed.aggregate_if_needed()
+    after = decode_file(fed.latest_global().path)
+    mean = weighted_mean_delta(decoded, fed.spec)
+    for k in fed.spec:
+        torch.testing.assert_close(after[k], before[k] + mean[k], rtol=1e-5, atol=1e-7)
+    assert fed.history()[0]["train_loss"] == pytest.approx(1.5)
+
+
+def _body_with(fed: Federation, change) -> bytes:
+    codec = get_codec(fed.config)
+    parts, _ = compress_with_feedback(codec, deltas(fed, 0), {}, fed.config.wire_dtype)
+    first = sorted(fed.spec)[0]
+    metadata = {COMPRESSION_METADATA: codec.tag()}
+    change(parts, first, metadata)
+    return save(parts, metadata=metadata)
+
+
+def _set(part: str, index: int, value: float):
+    def change(parts, first, metadata):
+        parts[part_name(first, part)][index] = value
+    return change
+
+
+BAD_UPLOADS = {
+    "int8": [("NaN absmax", _set("absmax", 0, float("nan")), "NaN or infinite"),
+             ("negative absmax", _set("absmax", 1, -1.0), "negative"),
+             ("code -128", _set("q", 3, -128), "-128"),
+             ("one block too few", lambda p, f, m: p.__setitem__(part_name(f, "absmax"), p[part_name(f, "absmax")][1:]),
+              "has shape")],
+    "nf4": [("infinite absmax", _set("absmax", 0, float("inf")), "NaN or infinite"),
+            ("a block too many", lambda p, f, m: p.__setitem__(part_name(f, "absmax"),
+                                                              torch.cat([p[part_name(f, "absmax")], torch.ones(1)])),
+             "has shape"),
+            ("float32 codes", lambda p, f, m: p.__setitem__(part_name(f, "q"), p[part_name(f, "q")].float()),
+             "dtype")],
+    "fp4": [("another codec's tag", lambda p, f, m: m.__setitem__(COMPRESSION_METADATA, "nf4/64"), "compression is"),
+            ("no tag", lambda p, f, m: m.pop(COMPRESSION_METADATA), "compression is"),
+            ("a part missing", lambda p, f, m: p.pop(part_name(f, "absmax")), "missing")],
+    "topk": [("repeated index", lambda p, f, m: p[part_name(f, "idx")].__setitem__(1, p[part_name(f, "idx")][0]),
+              "repeat"),
+             ("index past the tensor", _set("idx", -1, 10**6), "outside"),
+             ("negative index", _set("idx", 0, -1), "outside"),
+             ("unordered", lambda p, f, m: p.__setitem__(part_name(f, "idx"), p[part_name(f, "idx")].flip(0)),
+              "increasing"),
+             ("NaN value", _set("val", 2, float("nan")), "NaN"),
+             ("more values than the fraction", lambda p, f, m: p.update({
+                 part_name(f, "idx"): torch.arange(p[part_name(f, "idx")].numel() + 1, dtype=torch.int32),
+                 part_name(f, "val"): torch.zeros(p[part_name(f, "idx")].numel() + 1)}), "has shape")],
+}
+
+
+@pytest.mark.parametrize(("name", "case"), [(name, i) for name, cases in BAD_UPLOADS.items()
+                                            for i in range(len(cases))],
+                         ids=[f"{name}-{c[0]}" for name, cases in BAD_UPLOADS.items() for c in cases])
+def test_a_bad_compressed_upload_is_refused_with_422_and_nothing_is_stored(name: str, case: int,
+                                                                           open_federation) -> None:
+    _, change, message = BAD_UPLOADS[name][case]
+    fed = open_federation(name)
+    body = _body_with(fed, change)
+    with pytest.raises(errors.InvalidUpdate, match=message):
+        push(fed, "alice", body)
+    assert stored_updates(fed) == [] and fed.status()["received"] == []
+    assert list(fed.store.incoming_dir.iterdir()) == []
+
+
+def test_a_dense_upload_to_a_compressed_federation_is_refused(open_federation) -> None:
+    fed = open_federation("int8")
+    with pytest.raises(errors.InvalidUpdate, match="compression is None"):
+        push(fed, "alice", encode(deltas(fed, 0), "float32"))
+
+
+def test_the_reader_decodes_one_tensor_at_a_time(open_federation, tmp_path: Path) -> None:
+    """Aggregation holds one decoded tensor of one update, never an update's dense whole."""
+    fed = open_federation("nf4")
+    codec = get_codec(fed.config)
+    path = tmp_path / "u.safetensors"
+    parts, _ = compress_with_feedback(codec, deltas(fed, 0), {}, "float32")
+    path.write_bytes(encode_body(codec, parts, {}))
+    assert validate_compressed_file(path, codec, fed.upload_spec, "float32") is not None
+    update = CompressedFileUpdate("alice", 10, {}, path, codec, fed.upload_spec)
+    reads: list[str] = []
+    original = update._file.get
+    update._file.get = lambda name, out=None: reads.append(name) or original(name, out)
+    first = sorted(fed.spec)[0]
+    assert update.get(first).shape == tuple(fed.spec[first])
+    assert reads == [part_name(first, "q"), part_name(first, "absmax")]
+    with pytest.raises(WireError):
+        validate_compressed_file(path, TopKCodec(0.1), fed.upload_spec, "float32")
+    assert isinstance(codec, BlockwiseCodec) and get_algorithm("fedavg", fed.config).name == "fedavg"
+
+
+# ---------------------------------------------------------------------------------------------- accounting
+def _play_round(fed: Federation) -> int:
+    """Both clients download and upload once; the round's bytes."""
+    codec = get_codec(fed.config)
+    total = 0
+    for seed, client in enumerate(CLIENTS):
+        fed.record_download(client, fed.latest_global().size)
+        parts, _ = compress_with_feedback(codec, deltas(fed, seed), {}, fed.config.wire_dtype)
+        body = encode_body(codec, parts, {})
+        push(fed, client, body)
+        total += len(body) + fed.latest_global().size
+    fed.record_download("stranger", 10**9)  # not joined: not counted
+    assert fed.aggregate_if_needed()
+    return total
+
+
+@pytest.mark.parametrize("fraction", [0.9, 1.0])
+def test_bytes_are_accounted_and_the_budget_warns_then_stops_rounds(fraction: float, open_federation,
+                                                                    tiny_model_dir: Path) -> None:
+    fed = open_federation("int8")
+    first = _play_round(fed)
+    record = fed.history()[0]
+    assert record["bytes_sent"] + record["bytes_received"] == first
+    assert record["bytes_sent"] == 2 * fed.latest_global().size
+    traffic = fed.store.traffic(fed.store.read())
+    assert set(traffic) == set(CLIENTS) and all(t["sent"] > 0 and t["received"] > 0 for t in traffic.values())
+    assert fed.status()["communication"]["budget_state"] == "unlimited"
+
+    # Restart with a budget the first round used `fraction` of: round 2 (started already) runs, then 3 is decided.
+    root = fed.store.root
+    fed.store.close()
+    config = dataclasses.replace(fed.config, num_rounds=3, communication_budget_mb=first / fraction / 1e6)
+    Federation.initialize(config, root)
+    store = Store(root)
+    try:
+        fed = Federation(store)
+        assert fed.status()["communication"]["budget_state"] == ("warning" if fraction < 1 else "exhausted")
+        _play_round(fed)  # round 2 had started before the budget existed
+        status = fed.status()
+        assert status["communication"]["budget_state"] == "exhausted" and status["phase"] == "finished"
+        events = [e["action"] for e in fed.events()]
+        assert "finished_early" in events
+        assert any("communication budget" in str(e) for e in fed.events())
+    finally:
+        store.close()
