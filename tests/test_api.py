@@ -100,12 +100,12 @@ def api(prepared: Path, tmp_path: Path) -> Iterator[Api]:
 
 
 def snapshot(state_dir: Path) -> tuple[dict[str, list[tuple]], list[str]]:
-    """Every row of every table (but ``presence``, when clients last polled), and every file but the database's
-    own (and any incoming/ leftover)."""
+    """Every row of every table (but the bookkeeping of what was served: ``presence``, when clients last polled, and
+    ``downloads``, the global adapters sent), and every file but the database's own (and any incoming/ leftover)."""
     db = sqlite3.connect(state_dir / "state.db")
     try:
         tables = [r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name")
-                  if r[0] != "presence"]
+                  if r[0] not in ("presence", "downloads")]
         rows = {t: sorted(db.execute(f"SELECT * FROM {t}").fetchall(), key=repr) for t in tables}
     finally:
         db.close()
