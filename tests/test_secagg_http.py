@@ -195,6 +195,8 @@ def test_secure_round_equals_plain_fedavg_and_the_server_holds_nothing_correlate
     def look() -> None:
         if server.status()["secagg"]["stage"] == "unmask":
             seen_masked.append(correlation_check(server.state_dir, deltas))
+            mine = server.http.get("/v1/round", headers={"X-FedLLM-Client": "c0"}).get_json()
+            assert mine["submitted"] and not mine["selected"]  # in, and past the stage where a client joins
 
     results = drive(server, pending, tmp_path, stop=aggregated(server), between=look)
     assert results == dict.fromkeys(SAMPLES, True) and seen_masked and seen_masked[0] == 5
