@@ -203,8 +203,11 @@ class ClientRound:
             if v in relayed:
                 entry = _object(relayed[v], f"keys of {v}")
                 c_pk, s_pk = _hex(entry.get("c_pk"), 32, "c_pk"), _hex(entry.get("s_pk"), 32, "s_pk")
-                crypto.check_public_key(c_pk)
-                crypto.check_public_key(s_pk)
+                try:
+                    crypto.check_public_key(c_pk)
+                    crypto.check_public_key(s_pk)
+                except ValueError as exc:
+                    raise ProtocolError(f"the relayed keys of {v!r}: {exc}") from None
                 peers[v] = {"c_pk": c_pk.hex(), "s_pk": s_pk.hex()}
         holders = [h for h in self.setup.holders(self.client_id) if h == self.client_id or h in peers]
         if len(holders) < self.setup.threshold:
@@ -217,11 +220,14 @@ class ClientRound:
         c_sk = bytes.fromhex(self.state["c_sk"])
         ciphertexts = {}
         for h in holders:
-            x = self.setup.point(h)
-            plain = json.dumps({"b": b_shares[x].hex(), "s": s_shares[x].hex()}).encode()
             if h == self.client_id:
                 continue
-            key = crypto.agree(c_sk, bytes.fromhex(peers[h]["c_pk"]), _info("share", self.setup))
+            x = self.setup.point(h)
+            plain = json.dumps({"b": b_shares[x].hex(), "s": s_shares[x].hex()}).encode()
+            try:
+                key = crypto.agree(c_sk, bytes.fromhex(peers[h]["c_pk"]), _info("share", self.setup))
+            except ValueError as exc:  # a low-order public key: X25519 gives the all-zero value
+                raise ProtocolError(f"the relayed key of {h!r}: {exc}") from None
             ciphertexts[h] = crypto.encrypt(key, plain, _share_aad(self.setup, self.client_id, h)).hex()
         x = self.setup.point(self.client_id)
         self.state.update(b=b.hex(), peers=peers,
