@@ -399,3 +399,18 @@ def test_inconsistent_unmasking_shares_rerun_the_round(fresh: Path, tmp_path: Pa
     assert [e["detail"]["stage"] for e in server.federation.events() if e["action"] == "secagg_rerun"] == ["unmask"]
     drive(server, pending, tmp_path, stop=aggregated(server))
     assert_close(global_delta(server), plain_mean(deltas, sorted(SAMPLES)))
+
+
+def test_an_operator_abort_starts_a_new_attempt(fresh: Path, tmp_path: Path):
+    server = make_server(fresh, tmp_path)
+    deltas, pending = write_deltas(server, tmp_path, seed=8)
+    aborted = []
+
+    def abort_in_share() -> None:
+        if not aborted and server.status()["secagg"]["stage"] == "share":
+            server.federation.abort_round("operator@test")
+            aborted.append(True)
+
+    drive(server, pending, tmp_path, stop=aggregated(server), between=abort_in_share)
+    assert aborted and server.federation.history()[0]["secagg"]["attempt"] == 1
+    assert_close(global_delta(server), plain_mean(deltas, sorted(SAMPLES)))
