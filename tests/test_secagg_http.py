@@ -205,6 +205,8 @@ def test_secure_round_equals_plain_fedavg_and_the_server_holds_nothing_correlate
     assert correlation_check(server.state_dir, deltas) == 0  # the round's masked inputs are deleted
     record = server.federation.history()[0]
     assert record["participants"] == sorted(SAMPLES) and record["secagg"]["dropped"]["advertise"] == 0
+    view = server.http.get("/v1/secagg", headers={"X-FedLLM-Client": "c1"}).get_json()
+    assert view["setup"]["weights"] == {"c1": SAMPLES["c1"] / sum(SAMPLES.values())}  # not the others' sizes
     status = server.status()
     assert status["round"] == 2 and status["secagg"]["stage"] == "advertise"
     assert set(status["secagg"]) >= {"stage", "clients_in_stage", "dropped"}

@@ -65,7 +65,7 @@ class RoundSetup:
     round: int
     attempt: int
     clients: tuple[str, ...]  # the attempt's clients, sorted
-    weights: Mapping[str, float]  # p_i, summing to 1 over ``clients``
+    weights: Mapping[str, float]  # p_i, summing to 1 over ``clients`` (a client is served its own only)
     neighbours: int  # k
     threshold_spec: float  # --secagg_threshold
     bits: int
@@ -111,8 +111,8 @@ class RoundSetup:
                         bits=int(data["bits"]), clip=float(data["clip"]), length=int(data["length"]))
         except (KeyError, TypeError, ValueError) as exc:
             raise ProtocolError(f"not a round setup: {exc}") from None
-        if list(setup.clients) != sorted(set(setup.clients)) or set(setup.weights) != set(setup.clients):
-            raise ProtocolError("the setup's clients must be sorted and unique, with one weight each")
+        if list(setup.clients) != sorted(set(setup.clients)) or not set(setup.weights) <= set(setup.clients):
+            raise ProtocolError("the setup's clients must be sorted and unique, and weights only theirs")
         if len(setup.clients) < 3 or setup.length < 2 or not all(0 < w <= 1 for w in setup.weights.values()):
             raise ProtocolError("a setup needs ≥ 3 clients, ≥ 2 coordinates and weights in (0, 1]")
         setup.fixed_point  # noqa: B018 -- validates bits and clip
@@ -506,8 +506,9 @@ class ServerRound:
     # ------------------------------------------------------------------ what each client sees
     def view(self, client: str) -> dict[str, Any]:
         """What ``client`` needs to answer the open stage (nothing of other clients' secrets)."""
-        view: dict[str, Any] = {"setup": self.setup.to_json(), "stage": self.stage,
-                                "expected": client in self.expected(),
+        setup = self.setup.to_json()
+        setup["weights"] = {c: w for c, w in setup["weights"].items() if c == client}  # others' reveal their sizes
+        view: dict[str, Any] = {"setup": setup, "stage": self.stage, "expected": client in self.expected(),
                                 "answered": client in self.answered()}
         if self.stage == "share" and client in self.state["u1"]:
             wanted = ({client} | set(self.setup.graph[client])) & set(self.state["u1"])
