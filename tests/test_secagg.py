@@ -149,6 +149,8 @@ def test_replayed_reordered_and_repeated_messages_are_refused():
         server.receive_keys("c01", 3, 0, keys)
     with pytest.raises(ProtocolError):
         server.receive_keys("c01", 3, 0, {"c_pk": "00" * 31, "s_pk": "11" * 32})
+    with pytest.raises(ProtocolError):  # a low-order point: every agreement with it would be all zeros
+        server.receive_keys("c01", 3, 0, {"c_pk": "00" * 32, "s_pk": keys["s_pk"][::-1]})
     assert list(server.state["keys"]) == ["c00"]
 
 

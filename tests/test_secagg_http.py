@@ -195,6 +195,8 @@ def test_secure_round_equals_plain_fedavg_and_the_server_holds_nothing_correlate
     def look() -> None:
         if server.status()["secagg"]["stage"] == "unmask":
             seen_masked.append(correlation_check(server.state_dir, deltas))
+            mine = server.http.get("/v1/round", headers={"X-FedLLM-Client": "c0"}).get_json()
+            assert mine["submitted"] and not mine["selected"]  # in, and past the stage where a client joins
 
     results = drive(server, pending, tmp_path, stop=aggregated(server), between=look)
     assert results == dict.fromkeys(SAMPLES, True) and seen_masked and seen_masked[0] == 5
@@ -203,6 +205,8 @@ def test_secure_round_equals_plain_fedavg_and_the_server_holds_nothing_correlate
     assert correlation_check(server.state_dir, deltas) == 0  # the round's masked inputs are deleted
     record = server.federation.history()[0]
     assert record["participants"] == sorted(SAMPLES) and record["secagg"]["dropped"]["advertise"] == 0
+    view = server.http.get("/v1/secagg", headers={"X-FedLLM-Client": "c1"}).get_json()
+    assert view["setup"]["weights"] == {"c1": SAMPLES["c1"] / sum(SAMPLES.values())}  # not the others' sizes
     status = server.status()
     assert status["round"] == 2 and status["secagg"]["stage"] == "advertise"
     assert set(status["secagg"]) >= {"stage", "clients_in_stage", "dropped"}
@@ -396,4 +400,19 @@ def test_inconsistent_unmasking_shares_rerun_the_round(fresh: Path, tmp_path: Pa
     assert server.status()["phase"] == "training" and server.federation.secure.view("c0")["attempt"] == 1
     assert [e["detail"]["stage"] for e in server.federation.events() if e["action"] == "secagg_rerun"] == ["unmask"]
     drive(server, pending, tmp_path, stop=aggregated(server))
+    assert_close(global_delta(server), plain_mean(deltas, sorted(SAMPLES)))
+
+
+def test_an_operator_abort_starts_a_new_attempt(fresh: Path, tmp_path: Path):
+    server = make_server(fresh, tmp_path)
+    deltas, pending = write_deltas(server, tmp_path, seed=8)
+    aborted = []
+
+    def abort_in_share() -> None:
+        if not aborted and server.status()["secagg"]["stage"] == "share":
+            server.federation.abort_round("operator@test")
+            aborted.append(True)
+
+    drive(server, pending, tmp_path, stop=aggregated(server), between=abort_in_share)
+    assert aborted and server.federation.history()[0]["secagg"]["attempt"] == 1
     assert_close(global_delta(server), plain_mean(deltas, sorted(SAMPLES)))

@@ -118,6 +118,8 @@ class SecureUploader:
         wrong = {k: getattr(setup, k) for k, v in expected.items() if getattr(setup, k) != v}
         if wrong or view.get("attempt") != setup.attempt:
             raise UntrustedServerError(f"the secure-aggregation setup differs from this federation's: {wrong}")
+        if self.client.client_id in setup.clients and self.client.client_id not in setup.weights:
+            raise UntrustedServerError("the secure-aggregation setup has no weight for this client")
         return setup
 
     def _encode(self, update_path: Path, setup: RoundSetup) -> np.ndarray:

@@ -41,10 +41,11 @@ def public_key(private: bytes) -> bytes:
 
 
 def check_public_key(public: bytes) -> None:
-    """ValueError unless ``public`` is a 32-byte X25519 public key."""
+    """ValueError unless ``public`` is a 32-byte X25519 public key of full order (an exchange with a fresh key
+    does not give the all-zero value), so every later agreement with it succeeds."""
     if not isinstance(public, bytes) or len(public) != KEY_BYTES:
         raise ValueError(f"an X25519 public key is {KEY_BYTES} bytes")
-    X25519PublicKey.from_public_bytes(public)
+    X25519PrivateKey.generate().exchange(X25519PublicKey.from_public_bytes(public))
 
 
 def agree(private: bytes, peer_public: bytes, info: bytes) -> bytes:

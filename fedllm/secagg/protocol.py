@@ -65,7 +65,7 @@ class RoundSetup:
     round: int
     attempt: int
     clients: tuple[str, ...]  # the attempt's clients, sorted
-    weights: Mapping[str, float]  # p_i, summing to 1 over ``clients``
+    weights: Mapping[str, float]  # p_i, summing to 1 over ``clients`` (a client is served its own only)
     neighbours: int  # k
     threshold_spec: float  # --secagg_threshold
     bits: int
@@ -111,8 +111,8 @@ class RoundSetup:
                         bits=int(data["bits"]), clip=float(data["clip"]), length=int(data["length"]))
         except (KeyError, TypeError, ValueError) as exc:
             raise ProtocolError(f"not a round setup: {exc}") from None
-        if list(setup.clients) != sorted(set(setup.clients)) or set(setup.weights) != set(setup.clients):
-            raise ProtocolError("the setup's clients must be sorted and unique, with one weight each")
+        if list(setup.clients) != sorted(set(setup.clients)) or not set(setup.weights) <= set(setup.clients):
+            raise ProtocolError("the setup's clients must be sorted and unique, and weights only theirs")
         if len(setup.clients) < 3 or setup.length < 2 or not all(0 < w <= 1 for w in setup.weights.values()):
             raise ProtocolError("a setup needs ≥ 3 clients, ≥ 2 coordinates and weights in (0, 1]")
         setup.fixed_point  # noqa: B018 -- validates bits and clip
@@ -203,8 +203,11 @@ class ClientRound:
             if v in relayed:
                 entry = _object(relayed[v], f"keys of {v}")
                 c_pk, s_pk = _hex(entry.get("c_pk"), 32, "c_pk"), _hex(entry.get("s_pk"), 32, "s_pk")
-                crypto.check_public_key(c_pk)
-                crypto.check_public_key(s_pk)
+                try:
+                    crypto.check_public_key(c_pk)
+                    crypto.check_public_key(s_pk)
+                except ValueError as exc:
+                    raise ProtocolError(f"the relayed keys of {v!r}: {exc}") from None
                 peers[v] = {"c_pk": c_pk.hex(), "s_pk": s_pk.hex()}
         holders = [h for h in self.setup.holders(self.client_id) if h == self.client_id or h in peers]
         if len(holders) < self.setup.threshold:
@@ -217,11 +220,14 @@ class ClientRound:
         c_sk = bytes.fromhex(self.state["c_sk"])
         ciphertexts = {}
         for h in holders:
-            x = self.setup.point(h)
-            plain = json.dumps({"b": b_shares[x].hex(), "s": s_shares[x].hex()}).encode()
             if h == self.client_id:
                 continue
-            key = crypto.agree(c_sk, bytes.fromhex(peers[h]["c_pk"]), _info("share", self.setup))
+            x = self.setup.point(h)
+            plain = json.dumps({"b": b_shares[x].hex(), "s": s_shares[x].hex()}).encode()
+            try:
+                key = crypto.agree(c_sk, bytes.fromhex(peers[h]["c_pk"]), _info("share", self.setup))
+            except ValueError as exc:  # a low-order public key: X25519 gives the all-zero value
+                raise ProtocolError(f"the relayed key of {h!r}: {exc}") from None
             ciphertexts[h] = crypto.encrypt(key, plain, _share_aad(self.setup, self.client_id, h)).hex()
         x = self.setup.point(self.client_id)
         self.state.update(b=b.hex(), peers=peers,
@@ -500,8 +506,9 @@ class ServerRound:
     # ------------------------------------------------------------------ what each client sees
     def view(self, client: str) -> dict[str, Any]:
         """What ``client`` needs to answer the open stage (nothing of other clients' secrets)."""
-        view: dict[str, Any] = {"setup": self.setup.to_json(), "stage": self.stage,
-                                "expected": client in self.expected(),
+        setup = self.setup.to_json()
+        setup["weights"] = {c: w for c, w in setup["weights"].items() if c == client}  # others' reveal their sizes
+        view: dict[str, Any] = {"setup": setup, "stage": self.stage, "expected": client in self.expected(),
                                 "answered": client in self.answered()}
         if self.stage == "share" and client in self.state["u1"]:
             wanted = ({client} | set(self.setup.graph[client])) & set(self.state["u1"])

@@ -122,6 +122,8 @@ class RoundEngine:
             status["submitted"] = client_id in received
             if self.secure is not None:  # its masked input is in (the unmasking it then answers is its own job)
                 status["submitted"] = self.secure.submitted(current, client_id)
+                # Past the first stage a client that is not in it can no longer take part: it is not to train.
+                status["selected"] = status["selected"] and self.secure.accepts_newcomers(current)
             status["joined"] = client_id in clients
         return status
 

@@ -167,6 +167,11 @@ class SecureRounds:
         return bool(server is not None and server.state.get("extensions") == current.extensions
                     and client_id in server.state["masked"])
 
+    def accepts_newcomers(self, current: RoundRow) -> bool:
+        """Whether the round's current attempt is still in (or before) its first stage, where a client joins."""
+        server = self.load(current.round)
+        return server is None or server.state.get("extensions") != current.extensions or server.stage == "advertise"
+
     def view(self, client_id: str) -> dict[str, Any]:
         """``GET /v1/secagg``: what ``client_id`` needs for the open stage."""
         current = self.store.current_round(self.store.read())
