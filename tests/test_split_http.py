@@ -26,7 +26,7 @@ HIDDEN = 64  # the tiny Llama's
 def split_config(model_dir: Path, **overrides) -> FederationArguments:
     settings = dict(model_name_or_path=str(model_dir), fed_mode="split", split_head_layers=1, split_tail_layers=1,
                     num_clients=2, sample_clients=2, num_rounds=2, max_steps=3, learning_rate=0.01, peft_lora_r=4,
-                    peft_lora_alpha=8, peft_lora_dropout=0.0, seq_length=32, round_timeout=0, save_model_freq=1,
+                    peft_lora_alpha=8, peft_lora_dropout=0.0, seq_length=96, round_timeout=0, save_model_freq=1,
                     seed=5)
     settings.update(overrides)
     return FederationArguments(**settings)
@@ -60,8 +60,8 @@ def post(http, kind: str, step: int, body: bytes, client: str = "alice", round_n
                      headers={"X-FedLLM-Client": client, "Content-Type": "application/octet-stream"})
 
 
-def test_the_middle_refuses_bad_messages_and_replays_and_continues_after_a_restart(split_state: Path,
-                                                                                   tmp_path: Path) -> None:
+def test_the_middle_refuses_bad_messages_and_replays_and_continues_after_a_restart(split_state: Path, tmp_path: Path,
+                                                                                   monkeypatch) -> None:
     state = tmp_path / "state"
     shutil.copytree(split_state, state)
     federation = Federation(Store(state))
@@ -81,7 +81,7 @@ def test_the_middle_refuses_bad_messages_and_replays_and_continues_after_a_resta
     assert "dtype torch.float16" in error(post(http, "forward", 1, forward_body(dtype=torch.float16)), 422)
     assert "NaN" in error(post(http, "forward", 1, forward_body(hidden=torch.full((2, 8, HIDDEN), float("nan")))),
                           422)
-    assert "--seq_length 32" in error(post(http, "forward", 1, forward_body(seq_len=40)), 422)
+    assert "--seq_length 96" in error(post(http, "forward", 1, forward_body(seq_len=100)), 422)
     assert "position_ids must be in" in error(post(http, "forward", 1, forward_body(
         position_ids=torch.full((2, 8), 10**6, dtype=torch.long))), 422)
     assert "span" in error(post(http, "forward", 1, forward_body(lengths=torch.tensor([9, 8]))), 422)
@@ -122,6 +122,11 @@ def test_the_middle_refuses_bad_messages_and_replays_and_continues_after_a_resta
     service = http.application.extensions["fedllm"]["split"]
     assert all(torch.equal(service.middle.adapter()[k], v) for k, v in middle.items())
     assert service.middle.optimizer.state  # the AdamW moments came back too
+    # A client that vanishes after its forward: the graph is freed after the timeout, and a late backward refused.
+    monkeypatch.setattr("fedllm.split.server.PENDING_STEP_TIMEOUT", 0.0)
+    assert post(http, "forward", 3, forward_body()).status_code == 200
+    assert "freed after" in error(post(http, "backward", 3, grad_body()), 409)
+    assert not service.pending
     restarted.store.close()
 
 
@@ -264,3 +269,54 @@ def test_no_token_label_or_text_of_the_clients_data_is_in_its_requests(tiny4_mod
     assert (merged - base).abs().max() > 1e-3
     assert export_main(["generate", "--state_dir", str(tmp_path / "state"), "--prompt", "Name a fruit.",
                         "--max_new_tokens", "4"]) == 0
+
+
+class AppTransport:
+    """The client's split calls (``FederationClient.split_step``/``split_exchange``) to an in-process server app."""
+
+    def __init__(self, http, client_id: str, crash_at: int | None = None):
+        self.http, self.client_id, self.crash_at = http, client_id, crash_at
+
+    def split_step(self, round_number: int) -> dict:
+        response = self.http.get(f"/v1/split/step?round={round_number}", headers={"X-FedLLM-Client": self.client_id})
+        assert response.status_code == 200, response.get_json()
+        return response.get_json()
+
+    def split_exchange(self, kind: str, round_number: int, step: int, body: bytes, limit: int) -> bytes:
+        if kind == "forward" and step == self.crash_at:
+            raise KeyboardInterrupt("the client dies here")
+        response = post(self.http, kind, step, body, client=self.client_id, round_number=round_number)
+        assert response.status_code == 200, response.get_json()
+        return response.data
+
+
+def test_a_restarted_client_resumes_at_its_next_step_and_ends_where_an_unbroken_round_ends(
+        split_state: Path, tiny4_model_dir: Path, tmp_path: Path) -> None:
+    from fedllm.adapter import initial_adapter
+    from fedllm.config import ClientArguments
+    from fedllm.data import write_demo_data
+    from fedllm.split.client import SplitTrainer
+
+    (data,) = write_demo_data(tmp_path / "data", num_clients=1, rows_per_client=12, seed=3)
+    results = {}
+    for run in ("unbroken", "restarted"):
+        state = tmp_path / run / "state"
+        shutil.copytree(split_state, state)
+        federation = Federation(Store(state))
+        http = create_app(federation, start_ticker=False).test_client()
+        server_config = federation.client_config()
+        global_tensors = initial_adapter({k: tuple(v) for k, v in server_config["adapter"].items()}, 5)
+        args = ClientArguments(client_id="alice", dataset_name=str(data), batch_size=2,
+                               output_dir=str(tmp_path / run / "alice"), seed=1)
+        if run == "restarted":
+            trainer = SplitTrainer(server_config, args, AppTransport(http, "alice", crash_at=3))
+            with pytest.raises(KeyboardInterrupt):
+                trainer.train_round(global_tensors, 1, 0.01, 3)
+        trainer = SplitTrainer(server_config, args, AppTransport(http, "alice"))  # a fresh process, in effect
+        results[run] = trainer.train_round(global_tensors, 1, 0.01, 3)
+        federation.store.close()
+    unbroken, restarted = results["unbroken"], results["restarted"]
+    assert restarted.metrics["steps"] == 3
+    assert restarted.metrics["train_loss"] == pytest.approx(unbroken.metrics["train_loss"], abs=1e-6)
+    for name, delta in unbroken.tensors.items():
+        assert torch.allclose(restarted.tensors[name], delta, atol=1e-6), name
