@@ -320,3 +320,28 @@ def test_a_restarted_client_resumes_at_its_next_step_and_ends_where_an_unbroken_
     assert restarted.metrics["train_loss"] == pytest.approx(unbroken.metrics["train_loss"], abs=1e-6)
     for name, delta in unbroken.tensors.items():
         assert torch.allclose(restarted.tensors[name], delta, atol=1e-6), name
+
+
+def test_private_ends_never_leave_the_client(tiny4_model_dir: Path, tmp_path: Path) -> None:
+    from fedllm.adapter import initial_adapter
+    from fedllm.config import ClientArguments
+    from fedllm.data import write_demo_data
+    from fedllm.split.client import PRIVATE_ENDS_FILE, SplitTrainer, final_ends
+
+    state = tmp_path / "state"
+    Federation.initialize(split_config(tiny4_model_dir, split_private_ends=True, num_clients=1, sample_clients=1),
+                          state)
+    federation = Federation(Store(state))
+    federation.join("alice", 10)
+    http = create_app(federation, start_ticker=False).test_client()
+    server_config = federation.client_config()
+    served = initial_adapter({k: tuple(v) for k, v in server_config["adapter"].items()}, 5)
+    (data,) = write_demo_data(tmp_path / "data", num_clients=1, rows_per_client=8, seed=4)
+    args = ClientArguments(client_id="alice", dataset_name=str(data), batch_size=2, output_dir=str(tmp_path / "a"))
+    trainer = SplitTrainer(server_config, args, AppTransport(http, "alice"))
+    result = trainer.train_round(served, 1, 0.01, 2)
+    assert result.metrics["steps"] == 2 and all(not t.any() for t in result.tensors.values())  # a zero upload
+    private = final_ends(server_config, tmp_path / "a", served)
+    assert (tmp_path / "a" / "split" / PRIVATE_ENDS_FILE).exists()
+    assert any(private[k].ne(served[k]).any() for k in served)  # trained, and kept here
+    federation.store.close()
