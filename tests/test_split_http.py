@@ -165,8 +165,8 @@ def run_federation(server, data: list[Path], tmp_path: Path, extra: list[str] = 
                         f"{server.log()[-3000:]}")
 
 
-def test_a_two_client_split_federation_over_gunicorn_trains(tiny4_model_dir: Path, tmp_path: Path,
-                                                            start_server) -> None:
+def test_a_two_client_split_federation_over_gunicorn_trains(tiny4_model_dir: Path, tmp_path: Path, start_server,
+                                                            restore_logging) -> None:
     from fedllm.data import write_demo_data
 
     from .conftest import SHARED_DATASETS
@@ -191,6 +191,26 @@ def test_a_two_client_split_federation_over_gunicorn_trains(tiny4_model_dir: Pat
     for name in ("client0", "client1"):
         assert (tmp_path / name / "final_adapter" / "adapter_model.safetensors").read_bytes() == final.read_bytes()
     assert (tmp_path / "state" / "split" / "middle.safetensors").exists()
+    # export.py merge builds the single model: the server's middle and this client's head and tail, merged.
+    from transformers import AutoModelForCausalLM
+
+    from fedllm.commands.export import main as export_main
+    from fedllm.export import load_adapter
+    from fedllm.split.server import middle_checkpoint_adapter
+
+    merged_dir = tmp_path / "merged"
+    assert export_main(["merge", "--state_dir", str(tmp_path / "state"), "--client_output_dir",
+                        str(tmp_path / "client0"), "--output_dir", str(merged_dir)]) == 0
+    source = load_adapter(state_dir=str(tmp_path / "state"), client_output_dir=str(tmp_path / "client0"))
+    assert set(middle_checkpoint_adapter(tmp_path / "state")) < set(source.tensors)
+    assert {int(n.split(".layers.")[1].split(".")[0]) for n in source.tensors} == {0, 1, 2, 3}
+    ids = torch.tensor([[1, 50, 60, 70, 80]])
+    with torch.no_grad():
+        base = AutoModelForCausalLM.from_pretrained(tiny4_model_dir)(ids).logits
+        merged = AutoModelForCausalLM.from_pretrained(merged_dir)(ids).logits
+    assert (merged - base).abs().max() > 1e-3
+    assert export_main(["generate", "--state_dir", str(tmp_path / "state"), "--prompt", "Name a fruit.",
+                        "--max_new_tokens", "4"]) == 0
 
 
 def test_no_token_label_or_text_of_the_clients_data_is_in_its_requests(tiny4_model_dir: Path, tmp_path: Path,
@@ -249,28 +269,6 @@ def test_no_token_label_or_text_of_the_clients_data_is_in_its_requests(tiny4_mod
             for piece in (text.strip()[:24], text.strip()[-24:]):
                 assert piece.encode() not in everything
                 assert json.dumps(piece)[1:-1].encode() not in everything
-    # export.py merge builds the single model: the server's middle and this client's head and tail, merged.
-    from transformers import AutoModelForCausalLM
-
-    from fedllm.commands.export import main as export_main
-    from fedllm.export import load_adapter
-    from fedllm.split.server import middle_checkpoint_adapter
-
-    merged_dir = tmp_path / "merged"
-    assert export_main(["merge", "--state_dir", str(tmp_path / "state"), "--client_output_dir",
-                        str(tmp_path / "client0"), "--output_dir", str(merged_dir)]) == 0
-    source = load_adapter(state_dir=str(tmp_path / "state"), client_output_dir=str(tmp_path / "client0"))
-    assert set(middle_checkpoint_adapter(tmp_path / "state")) < set(source.tensors)
-    assert {int(n.split(".layers.")[1].split(".")[0]) for n in source.tensors} == {0, 1, 2, 3}
-    ids = torch.tensor([[1, 50, 60, 70, 80]])
-    with torch.no_grad():
-        base = AutoModelForCausalLM.from_pretrained(tiny4_model_dir)(ids).logits
-        merged = AutoModelForCausalLM.from_pretrained(merged_dir)(ids).logits
-    assert (merged - base).abs().max() > 1e-3
-    assert export_main(["generate", "--state_dir", str(tmp_path / "state"), "--prompt", "Name a fruit.",
-                        "--max_new_tokens", "4"]) == 0
-
-
 class AppTransport:
     """The client's split calls (``FederationClient.split_step``/``split_exchange``) to an in-process server app."""
 
