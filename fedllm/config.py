@@ -248,6 +248,10 @@ class FederationArguments(FederationOperationalArguments, CompressionArguments, 
         if self.split_enabled and self.secagg_enabled:
             problems.append("--secure_aggregation with --fed_mode split is refused: the server runs the middle of "
                             "the model on each client's activations, so it would not learn only the sum")
+        if self.split_enabled and self.fed_alg in ("fedprox", "scaffold"):
+            problems.append(f"--fed_alg {self.fed_alg} with --fed_mode split is refused: its client-side term "
+                            "(FedProx's proximal term, SCAFFOLD's control variates) is not applied to the split "
+                            "step; use a server-side rule (fedavg, fedavgm, the FedOpt family, the robust ones)")
         if self.split_enabled and self.fed_alg == "fedkseed":
             problems.append("--fed_alg fedkseed with --fed_mode split is refused: FedKSeed tunes the whole model "
                             "by zeroth-order steps on one side, split learning trains LoRA on both")

@@ -437,6 +437,9 @@ def run_simulation(
     settings = {"federation": dataclasses.asdict(federation), "client": client_settings,
                 "simulation": dataclasses.asdict(sim)}
     federation.validate()
+    if federation.split_enabled:
+        raise ValueError("--fed_mode split runs over HTTP (run_server.sh + run_client.sh); simulate.py simulates "
+                         "--fed_mode lora. In one process, fedllm.split.step.split_step runs the three parts.")
     if sim.report_to != "none" and (problem := missing_package(sim.report_to)):
         raise ValueError(problem)
     _check_backend(sim)

@@ -274,7 +274,9 @@ def test_schemathesis_finds_nothing_against_a_live_gunicorn_server(tiny_model_di
     # A client first (it may join and push), then the admin (full views, operator actions; it may remove clients).
     # Each role's refused operations are exactly those it may not call (Schemathesis warns of "missing auth").
     for role, token, client_id, refused in (("client", tokens["alice"], "alice", admin_only),
-                                            ("admin", admin, "dashboard", ["POST /v1/join", *SECAGG_POSTS, "POST /v1/update"])):
+                                            ("admin", admin, "dashboard", ["POST /v1/join", *SECAGG_POSTS,
+                                                                           "POST /v1/split/backward",
+                                                                           "POST /v1/split/forward", "POST /v1/update"])):
         report = schemathesis_run(server.url, token, client_id, tmp_path / f"schemathesis-{role}")
         assert report["warnings"]["missing_auth"] == refused
         # Every operation but GET /v1/openapi.json, which Schemathesis leaves out as the document it read.

@@ -126,3 +126,26 @@ def test_an_architecture_that_cannot_be_split_is_named_with_the_supported_ones()
     with pytest.raises(SplitConfigError, match=r"supports the decoder architectures llama, mistral, qwen2; model "
                                                r"type 'gpt2'"):
         SplitPlan.of(GPT2Config(n_layer=6), 2, 2)
+
+
+def test_the_simulation_says_split_mode_runs_over_http(tmp_path: Path) -> None:
+    from fedllm.config import FederationArguments, SimulatedClientArguments, SimulationArguments
+    from fedllm.simulation import run_simulation
+
+    config = FederationArguments(model_name_or_path=str(tmp_path), fed_mode="split")
+    with pytest.raises(ValueError, match="--fed_mode split runs over HTTP"):
+        run_simulation(config, SimulatedClientArguments(), SimulationArguments(output_dir=str(tmp_path / "sim")))
+
+
+def test_the_clients_defences_clip_and_noise_what_it_sends() -> None:
+    from fedllm.split.step import PrivacyKnobs
+
+    grad = torch.ones(3, 4, 5) * torch.tensor([0.1, 1.0, 10.0]).view(3, 1, 1)
+    clipped = PrivacyKnobs(gradient_clip=1.0).protect_gradient(grad, None)
+    assert clipped.flatten(1).norm(dim=1).tolist() == pytest.approx([0.1 * 20**0.5, 1.0, 1.0], rel=1e-5)
+    generator = torch.Generator().manual_seed(0)
+    noised = PrivacyKnobs(gradient_noise=0.5).protect_gradient(torch.zeros(64, 64, 8), generator)
+    assert noised.std().item() == pytest.approx(0.5, rel=0.05)
+    hidden = PrivacyKnobs(activation_noise=2.0).noise_activations(torch.zeros(32, 32, 8), generator)
+    assert hidden.std().item() == pytest.approx(2.0, rel=0.05)
+    assert PrivacyKnobs().protect_gradient(grad, None) is grad  # off by default: exactly the gradient

@@ -26,7 +26,7 @@ HIDDEN = 64  # the tiny Llama's
 def split_config(model_dir: Path, **overrides) -> FederationArguments:
     settings = dict(model_name_or_path=str(model_dir), fed_mode="split", split_head_layers=1, split_tail_layers=1,
                     num_clients=2, sample_clients=2, num_rounds=2, max_steps=3, learning_rate=0.01, peft_lora_r=4,
-                    peft_lora_alpha=8, peft_lora_dropout=0.0, seq_length=32, round_timeout=0, save_model_freq=1,
+                    peft_lora_alpha=8, peft_lora_dropout=0.0, seq_length=96, round_timeout=0, save_model_freq=1,
                     seed=5)
     settings.update(overrides)
     return FederationArguments(**settings)
@@ -60,8 +60,8 @@ def post(http, kind: str, step: int, body: bytes, client: str = "alice", round_n
                      headers={"X-FedLLM-Client": client, "Content-Type": "application/octet-stream"})
 
 
-def test_the_middle_refuses_bad_messages_and_replays_and_continues_after_a_restart(split_state: Path,
-                                                                                   tmp_path: Path) -> None:
+def test_the_middle_refuses_bad_messages_and_replays_and_continues_after_a_restart(split_state: Path, tmp_path: Path,
+                                                                                   monkeypatch) -> None:
     state = tmp_path / "state"
     shutil.copytree(split_state, state)
     federation = Federation(Store(state))
@@ -81,7 +81,7 @@ def test_the_middle_refuses_bad_messages_and_replays_and_continues_after_a_resta
     assert "dtype torch.float16" in error(post(http, "forward", 1, forward_body(dtype=torch.float16)), 422)
     assert "NaN" in error(post(http, "forward", 1, forward_body(hidden=torch.full((2, 8, HIDDEN), float("nan")))),
                           422)
-    assert "--seq_length 32" in error(post(http, "forward", 1, forward_body(seq_len=40)), 422)
+    assert "--seq_length 96" in error(post(http, "forward", 1, forward_body(seq_len=100)), 422)
     assert "position_ids must be in" in error(post(http, "forward", 1, forward_body(
         position_ids=torch.full((2, 8), 10**6, dtype=torch.long))), 422)
     assert "span" in error(post(http, "forward", 1, forward_body(lengths=torch.tensor([9, 8]))), 422)
@@ -122,6 +122,11 @@ def test_the_middle_refuses_bad_messages_and_replays_and_continues_after_a_resta
     service = http.application.extensions["fedllm"]["split"]
     assert all(torch.equal(service.middle.adapter()[k], v) for k, v in middle.items())
     assert service.middle.optimizer.state  # the AdamW moments came back too
+    # A client that vanishes after its forward: the graph is freed after the timeout, and a late backward refused.
+    monkeypatch.setattr("fedllm.split.server.PENDING_STEP_TIMEOUT", 0.0)
+    assert post(http, "forward", 3, forward_body()).status_code == 200
+    assert "freed after" in error(post(http, "backward", 3, grad_body()), 409)
+    assert not service.pending
     restarted.store.close()
 
 
@@ -160,8 +165,8 @@ def run_federation(server, data: list[Path], tmp_path: Path, extra: list[str] = 
                         f"{server.log()[-3000:]}")
 
 
-def test_a_two_client_split_federation_over_gunicorn_trains(tiny4_model_dir: Path, tmp_path: Path,
-                                                            start_server) -> None:
+def test_a_two_client_split_federation_over_gunicorn_trains(tiny4_model_dir: Path, tmp_path: Path, start_server,
+                                                            restore_logging) -> None:
     from fedllm.data import write_demo_data
 
     from .conftest import SHARED_DATASETS
@@ -186,6 +191,26 @@ def test_a_two_client_split_federation_over_gunicorn_trains(tiny4_model_dir: Pat
     for name in ("client0", "client1"):
         assert (tmp_path / name / "final_adapter" / "adapter_model.safetensors").read_bytes() == final.read_bytes()
     assert (tmp_path / "state" / "split" / "middle.safetensors").exists()
+    # export.py merge builds the single model: the server's middle and this client's head and tail, merged.
+    from transformers import AutoModelForCausalLM
+
+    from fedllm.commands.export import main as export_main
+    from fedllm.export import load_adapter
+    from fedllm.split.server import middle_checkpoint_adapter
+
+    merged_dir = tmp_path / "merged"
+    assert export_main(["merge", "--state_dir", str(tmp_path / "state"), "--client_output_dir",
+                        str(tmp_path / "client0"), "--output_dir", str(merged_dir)]) == 0
+    source = load_adapter(state_dir=str(tmp_path / "state"), client_output_dir=str(tmp_path / "client0"))
+    assert set(middle_checkpoint_adapter(tmp_path / "state")) < set(source.tensors)
+    assert {int(n.split(".layers.")[1].split(".")[0]) for n in source.tensors} == {0, 1, 2, 3}
+    ids = torch.tensor([[1, 50, 60, 70, 80]])
+    with torch.no_grad():
+        base = AutoModelForCausalLM.from_pretrained(tiny4_model_dir)(ids).logits
+        merged = AutoModelForCausalLM.from_pretrained(merged_dir)(ids).logits
+    assert (merged - base).abs().max() > 1e-3
+    assert export_main(["generate", "--state_dir", str(tmp_path / "state"), "--prompt", "Name a fruit.",
+                        "--max_new_tokens", "4"]) == 0
 
 
 def test_no_token_label_or_text_of_the_clients_data_is_in_its_requests(tiny4_model_dir: Path, tmp_path: Path,
@@ -244,23 +269,77 @@ def test_no_token_label_or_text_of_the_clients_data_is_in_its_requests(tiny4_mod
             for piece in (text.strip()[:24], text.strip()[-24:]):
                 assert piece.encode() not in everything
                 assert json.dumps(piece)[1:-1].encode() not in everything
-    # export.py merge builds the single model: the server's middle and this client's head and tail, merged.
-    from transformers import AutoModelForCausalLM
+class AppTransport:
+    """The client's split calls (``FederationClient.split_step``/``split_exchange``) to an in-process server app."""
 
-    from fedllm.commands.export import main as export_main
-    from fedllm.export import load_adapter
-    from fedllm.split.server import middle_checkpoint_adapter
+    def __init__(self, http, client_id: str, crash_at: int | None = None):
+        self.http, self.client_id, self.crash_at = http, client_id, crash_at
 
-    merged_dir = tmp_path / "merged"
-    assert export_main(["merge", "--state_dir", str(tmp_path / "state"), "--client_output_dir",
-                        str(tmp_path / "client0"), "--output_dir", str(merged_dir)]) == 0
-    source = load_adapter(state_dir=str(tmp_path / "state"), client_output_dir=str(tmp_path / "client0"))
-    assert set(middle_checkpoint_adapter(tmp_path / "state")) < set(source.tensors)
-    assert {int(n.split(".layers.")[1].split(".")[0]) for n in source.tensors} == {0, 1, 2, 3}
-    ids = torch.tensor([[1, 50, 60, 70, 80]])
-    with torch.no_grad():
-        base = AutoModelForCausalLM.from_pretrained(tiny4_model_dir)(ids).logits
-        merged = AutoModelForCausalLM.from_pretrained(merged_dir)(ids).logits
-    assert (merged - base).abs().max() > 1e-3
-    assert export_main(["generate", "--state_dir", str(tmp_path / "state"), "--prompt", "Name a fruit.",
-                        "--max_new_tokens", "4"]) == 0
+    def split_step(self, round_number: int) -> dict:
+        response = self.http.get(f"/v1/split/step?round={round_number}", headers={"X-FedLLM-Client": self.client_id})
+        assert response.status_code == 200, response.get_json()
+        return response.get_json()
+
+    def split_exchange(self, kind: str, round_number: int, step: int, body: bytes, limit: int) -> bytes:
+        if kind == "forward" and step == self.crash_at:
+            raise KeyboardInterrupt("the client dies here")
+        response = post(self.http, kind, step, body, client=self.client_id, round_number=round_number)
+        assert response.status_code == 200, response.get_json()
+        return response.data
+
+
+def test_a_restarted_client_resumes_at_its_next_step_and_ends_where_an_unbroken_round_ends(
+        split_state: Path, tiny4_model_dir: Path, tmp_path: Path) -> None:
+    from fedllm.adapter import initial_adapter
+    from fedllm.config import ClientArguments
+    from fedllm.data import write_demo_data
+    from fedllm.split.client import SplitTrainer
+
+    (data,) = write_demo_data(tmp_path / "data", num_clients=1, rows_per_client=12, seed=3)
+    results = {}
+    for run in ("unbroken", "restarted"):
+        state = tmp_path / run / "state"
+        shutil.copytree(split_state, state)
+        federation = Federation(Store(state))
+        http = create_app(federation, start_ticker=False).test_client()
+        server_config = federation.client_config()
+        global_tensors = initial_adapter({k: tuple(v) for k, v in server_config["adapter"].items()}, 5)
+        args = ClientArguments(client_id="alice", dataset_name=str(data), batch_size=2,
+                               output_dir=str(tmp_path / run / "alice"), seed=1)
+        if run == "restarted":
+            trainer = SplitTrainer(server_config, args, AppTransport(http, "alice", crash_at=3))
+            with pytest.raises(KeyboardInterrupt):
+                trainer.train_round(global_tensors, 1, 0.01, 3)
+        trainer = SplitTrainer(server_config, args, AppTransport(http, "alice"))  # a fresh process, in effect
+        results[run] = trainer.train_round(global_tensors, 1, 0.01, 3)
+        federation.store.close()
+    unbroken, restarted = results["unbroken"], results["restarted"]
+    assert restarted.metrics["steps"] == 3
+    assert restarted.metrics["train_loss"] == pytest.approx(unbroken.metrics["train_loss"], abs=1e-6)
+    for name, delta in unbroken.tensors.items():
+        assert torch.allclose(restarted.tensors[name], delta, atol=1e-6), name
+
+
+def test_private_ends_never_leave_the_client(tiny4_model_dir: Path, tmp_path: Path) -> None:
+    from fedllm.adapter import initial_adapter
+    from fedllm.config import ClientArguments
+    from fedllm.data import write_demo_data
+    from fedllm.split.client import PRIVATE_ENDS_FILE, SplitTrainer, final_ends
+
+    state = tmp_path / "state"
+    Federation.initialize(split_config(tiny4_model_dir, split_private_ends=True, num_clients=1, sample_clients=1),
+                          state)
+    federation = Federation(Store(state))
+    federation.join("alice", 10)
+    http = create_app(federation, start_ticker=False).test_client()
+    server_config = federation.client_config()
+    served = initial_adapter({k: tuple(v) for k, v in server_config["adapter"].items()}, 5)
+    (data,) = write_demo_data(tmp_path / "data", num_clients=1, rows_per_client=8, seed=4)
+    args = ClientArguments(client_id="alice", dataset_name=str(data), batch_size=2, output_dir=str(tmp_path / "a"))
+    trainer = SplitTrainer(server_config, args, AppTransport(http, "alice"))
+    result = trainer.train_round(served, 1, 0.01, 2)
+    assert result.metrics["steps"] == 2 and all(not t.any() for t in result.tensors.values())  # a zero upload
+    private = final_ends(server_config, tmp_path / "a", served)
+    assert (tmp_path / "a" / "split" / PRIVATE_ENDS_FILE).exists()
+    assert any(private[k].ne(served[k]).any() for k in served)  # trained, and kept here
+    federation.store.close()

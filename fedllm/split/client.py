@@ -27,7 +27,7 @@ from safetensors.torch import load_file, save_file
 from ..adapter import load_model_config, model_fingerprint
 from ..config import ClientArguments, FederationArguments
 from ..fsutil import atomic_write, atomic_write_bytes
-from .messages import MessageError, MessageShape, decode_tensor, encode_forward, encode_tensor
+from .messages import MAX_ROWS, MessageError, MessageShape, decode_tensor, encode_forward, encode_tensor
 from .model import CLIENT_PARTS, SplitPlan, build_part_model
 from .step import Batch, PrivacyKnobs, SplitEnds, load_optimizer_tensors, optimizer_tensors, set_part_adapter_tensors
 
@@ -83,6 +83,13 @@ class SplitTrainer:
 
         self.federation = FederationArguments(**server_config["federation"])
         self.args, self.client = args, client
+        if not 1 <= args.batch_size <= MAX_ROWS or args.gradient_accumulation_steps != 1:
+            raise ValueError(f"--fed_mode split: --batch_size must be in [1, {MAX_ROWS}] (rows per message) and "
+                             f"--gradient_accumulation_steps 1 (one split step is one batch), got {args.batch_size} "
+                             f"and {args.gradient_accumulation_steps}")
+        if args.device not in ("auto", "cpu"):
+            log.warning("--fed_mode split runs the client's ends on the CPU in this version (--device %s ignored)",
+                        args.device)
         model_path = args.model_name_or_path or self.federation.model_name_or_path
         model_config = load_model_config(model_path)
         if model_fingerprint(model_config) != server_config["model_fingerprint"]:
