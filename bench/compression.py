@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -118,8 +119,7 @@ def federations(out_dir: Path, quick: bool) -> tuple[Table, list[Target], dict[s
     if not DOLLY.is_dir():
         return None
     datasets.disable_progress_bars()
-    work = out_dir / "compression-runs"
-    shutil.rmtree(work, ignore_errors=True)
+    work = Path(tempfile.mkdtemp(prefix="fedllm-compression-"))
     model = str(build_tiny_llama(work / "tiny-llama", seed=0))
     rounds, steps = (2, 2) if quick else (6, 5)
     runs: dict[str, dict[str, Any]] = {}
@@ -169,15 +169,15 @@ def federations(out_dir: Path, quick: bool) -> tuple[Table, list[Target], dict[s
     targets = [
         Target("int8 + EF loss within 1% of float32", "within ±1%", f"{100 * (int8['loss'] / base['loss'] - 1):+.2f}%",
                None if quick else abs(int8["loss"] / base["loss"] - 1) <= 0.01),
-        Target("int8 + EF upload bytes <= 26% of float32", "<= 0.26", f"{int8['up'] / base['up']:.3f}",
-               None if quick else int8["up"] / base["up"] <= 0.26),
+        Target("int8 + EF upload bytes <= 26% of float32, tiny Llama (headers dominate its 2K-entry adapter)",
+               "<= 0.26", f"{int8['up'] / base['up']:.3f}", None if quick else int8["up"] / base["up"] <= 0.26),
         Target("FedKSeed bytes per client per round (up + down)", "< 20 KB", f"{kseed_per_round / 1e3:.1f} KB",
                kseed_per_round < 20_000),
         Target("FedKSeed train loss falls over rounds", "last round < first", " → ".join(f"{v:.3f}" for v in kseed_losses),
                None if quick else kseed_losses[-1] < kseed_losses[0]),
     ]
-    data = {label: {k: v for k, v in run.items() if k != "adapter"} | {"adapter": str(run["adapter"])}
-            for label, run in runs.items()}
+    data = {label: {k: v for k, v in run.items() if k != "adapter"} for label, run in runs.items()}
+    shutil.rmtree(work, ignore_errors=True)
     return table, targets, data
 
 
@@ -217,6 +217,9 @@ def run(out_dir: Path, quick: bool = False) -> bool:
              "FedKSeed tunes every parameter of the tiny Llama with two forward passes a step (no gradients) at "
              "learning rate 1e-3; the LoRA codecs train rank-8 LoRA with TRL at 2e-2, so its loss compares "
              "different methods at equal rounds and steps, not equal compute."]
+    int8_bytes = speed_data["body_bytes"]["int8"] / speed_data["fp32_bytes"]
+    targets.append(Target("int8 upload bytes <= 26% of float32 at the 7B r16 q,v size", "<= 0.26", f"{int8_bytes:.3f}",
+                          None if quick else int8_bytes <= 0.26))
     federated = federations(out_dir, quick)
     if federated is None:
         notes.append(f"{DOLLY} is absent: the federation table was skipped.")

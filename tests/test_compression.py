@@ -12,6 +12,8 @@ from typing import Any
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from safetensors.torch import save
 
 from fedllm.algorithms import InMemoryUpdate, get_algorithm, weighted_mean_delta
@@ -69,6 +71,29 @@ def test_blockwise_round_trip_is_within_the_stated_error(name: str, block_size: 
         assert decoded.shape == x.shape
         # Each block's largest value survives exactly (±1 is a code of every table), so zeros stay zeros.
         assert bool((decoded.reshape(-1)[flat == 0] == 0).all())
+
+
+@settings(max_examples=60, deadline=None, derandomize=True)
+@given(name=st.sampled_from(CODECS), block_size=st.integers(2, 300), fraction=st.floats(1e-3, 1.0),
+       values=st.lists(st.floats(-1e6, 1e6, allow_nan=False, width=32), min_size=1, max_size=700))
+def test_every_codec_decodes_within_its_stated_error(name: str, block_size: int, fraction: float,
+                                                    values: list[float]) -> None:
+    """Hypothesis: any finite float32 vector, any block size and fraction: the codec's error bound holds, and the
+    parts have exactly the layout the server checks (and pass its checks)."""
+    codec = codec_for(name, block_size, fraction)
+    x = torch.tensor(values, dtype=torch.float32)
+    parts = codec.encode(x, "float32")
+    assert {k: list(v.shape) for k, v in parts.items()} == {k: s for k, (_, s) in codec.layout(x.numel(), "float32").items()}
+    codec.check("x", parts, x.numel())
+    decoded = codec.decode(parts, tuple(x.shape))
+    error = (decoded - x).abs()
+    if name == "topk":
+        k = codec.kept(x.numel())
+        assert float((x - decoded).norm() ** 2) <= (1 - k / x.numel()) * float(x.norm() ** 2) * (1 + 1e-5) + 1e-6
+    else:
+        blocks = torch.nn.functional.pad(x, (0, -x.numel() % block_size)).view(-1, block_size)
+        bound = (blocks.abs().amax(1, keepdim=True) * codec.error_per_absmax).expand_as(blocks).reshape(-1)[:x.numel()]
+        assert bool((error <= bound * (1 + 1e-5) + 1e-30).all())
 
 
 @pytest.mark.parametrize("fraction", [0.01, 0.1, 1.0])
