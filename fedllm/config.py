@@ -248,6 +248,9 @@ class FederationArguments(FederationOperationalArguments, CompressionArguments, 
         if self.split_enabled and self.secagg_enabled:
             problems.append("--secure_aggregation with --fed_mode split is refused: the server runs the middle of "
                             "the model on each client's activations, so it would not learn only the sum")
+        if self.split_enabled and self.compression_enabled:
+            problems.append(f"--update_compression {self.update_compression} with --fed_mode split is refused: the "
+                            "split client uploads its ends' delta dense (a step's activations dwarf it)")
         if self.split_enabled and self.fed_alg in ("fedprox", "scaffold"):
             problems.append(f"--fed_alg {self.fed_alg} with --fed_mode split is refused: its client-side term "
                             "(FedProx's proximal term, SCAFFOLD's control variates) is not applied to the split "

@@ -337,6 +337,7 @@ def test_config_py_prints_every_option_grouped_without_importing_torch():
     ({"secure_aggregation": "secagg+", "fed_mode": "split"}, "would not learn only the sum"),
     ({"fed_mode": "split", "fed_alg": "fedkseed"}, "FedKSeed tunes the whole model"),
     ({"fed_mode": "split", "fed_alg": "scaffold"}, "is not applied to the split step"),
+    ({"fed_mode": "split", "update_compression": "int8"}, "uploads its ends' delta dense"),
     ({"fed_mode": "split", "fed_alg": "fedprox"}, "is not applied to the split step"),
 ])
 def test_features_not_built_to_run_together_are_refused(overrides, reason):
