@@ -275,6 +275,11 @@ class InProcessSecAgg:
     def secagg_view(self) -> dict[str, Any]:
         return self.federation.secure.view(self.client_id)
 
+    def history(self) -> list[dict[str, Any]]:
+        from .server.views import history_view
+
+        return history_view(self.federation.history(), self.client_id)
+
     def secagg_send(self, stage: str, round_number: int, attempt: int, *, message: dict[str, Any] | None = None,
                     body: bytes | None = None) -> dict[str, Any]:
         from .client.http import ServerError
@@ -289,9 +294,11 @@ class InProcessSecAgg:
             raise ServerError(ERROR_STATUS[type(exc)], exc.error, exc.detail) from None
 
 
-def deliver_securely(federation: Federation, clients: ClientPool, client_ids: Sequence[str]) -> None:
+def deliver_securely(federation: Federation, clients: ClientPool, client_ids: Sequence[str]) -> bool:
     """Run the SecAgg+ stages of the round for the pending updates of ``client_ids``, the clients taking turns
-    (each with its own state folder, as over HTTP); each update commits once its client's part is done."""
+    (each with its own state folder, as over HTTP); each update commits once its client's part is done (with
+    client state, SCAFFOLD's c_i, once the round is aggregated with it: the federation ticks between passes).
+    Returns whether it aggregated the round."""
     from .client.secagg import SecureUploader
 
     config = federation.client_config()
@@ -299,6 +306,7 @@ def deliver_securely(federation: Federation, clients: ClientPool, client_ids: Se
     pending = {c: p for c, state in states.items() if (p := state.pending()) is not None}
     uploaders = {c: SecureUploader(InProcessSecAgg(federation, c), config, clients.clients_dir / c) for c in pending}
     finished: dict[str, bool] = {}
+    aggregated = False
     for _ in range(10 * len(pending) + 10):  # every pass answers one stage for every client
         for client_id in sorted(set(pending) - set(finished)):
             result = uploaders[client_id].step(pending[client_id])
@@ -306,7 +314,8 @@ def deliver_securely(federation: Federation, clients: ClientPool, client_ids: Se
                 finished[client_id] = result
                 (states[client_id].commit if result else states[client_id].discard)(pending[client_id])
         if len(finished) == len(pending):
-            return
+            return aggregated
+        aggregated = federation.tick() or aggregated
     raise RuntimeError(f"the secure-aggregation stages did not finish: {federation.status().get('secagg')}")
 
 
@@ -339,9 +348,8 @@ def run_federation(federation: Federation, clients: ClientPool, client_ids: Sequ
         to_train = [c for c in status["sampled"] if c not in status["received"]]  # the others: accepted before a restart
         clients.play_round(federation, to_train, global_tensors, round_number, round_config["learning_rate"],
                            round_config["max_steps"], round_config.get("dp_clip_norm"))
-        if federation.secure is not None:
-            deliver_securely(federation, clients, status["sampled"])
-        if not federation.tick():
+        aggregated = federation.secure is not None and deliver_securely(federation, clients, status["sampled"])
+        if not (aggregated or federation.tick()):
             raise RuntimeError(f"round {round_number} did not aggregate; state in {federation.store.root}")
         finished_round()
 

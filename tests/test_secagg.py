@@ -268,3 +268,15 @@ def test_default_encoding_error_bound():
     assert clipped == 1
     mean, weight = fixed.decode_mean(encoded)
     assert weight == 1.0 and np.allclose(mean, [0.5, -1.0, 1e-7], atol=1e-9)
+
+
+def test_summed_coordinates_decode_to_the_plain_sum_within_the_bound():
+    """SCAFFOLD's Δc_i: premultiplied by 1/n, not p_i; the decoded tail is Σ_U x_i within n·m·c / 2^(bits-1)."""
+    fixed, rng = FixedPoint(32, 1.0), np.random.default_rng(3)
+    weights, n, split = [0.1, 0.2, 0.3, 0.4], 5, 40  # 4 of 5 clients survive
+    values = [rng.uniform(-1, 1, 100) for _ in weights]
+    total = sum(fixed.encode(v, p, summed_from=split, clients=n)[0].astype(np.uint64) for v, p in zip(values, weights, strict=True))
+    decoded, weight = fixed.decode_mean(fixed.reduce(total.astype(np.uint32)), summed_from=split, clients=n)
+    mean = sum(p * v[:split] for v, p in zip(values, weights, strict=True)) / sum(weights)
+    assert np.max(np.abs(decoded[:split] - mean)) <= fixed.error_bound(4, weight) + 1e-7
+    assert np.max(np.abs(decoded[split:] - sum(v[split:] for v in values))) <= fixed.sum_error_bound(4, n) + 5e-7  # + float32

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from fedllm.client.http import ServerError
 from fedllm.client.secagg import SecureUploader
@@ -55,6 +55,9 @@ class FlaskClientAdapter:
 
     def secagg_view(self) -> dict[str, Any]:
         return self._answer(self.server.http.get("/v1/secagg", headers={"X-FedLLM-Client": self.client_id}))
+
+    def history(self) -> list[dict[str, Any]]:
+        return self._answer(self.server.http.get("/v1/history", headers={"X-FedLLM-Client": self.client_id}))
 
     def secagg_send(self, stage: str, round_number: int, attempt: int, *, message=None, body=None) -> dict[str, Any]:
         path = f"/v1/secagg/{stage}?round={round_number}&attempt={attempt}"
@@ -323,7 +326,7 @@ def test_masked_input_of_wrong_length_twice_or_late_is_refused(fresh: Path, tmp_
 
 @pytest.mark.parametrize(("changes", "reason"), [
     ({"fed_alg": "krum"}, "robust rules"), ({"fed_alg": "fedmedian"}, "individual updates"),
-    ({"fed_alg": "scaffold"}, "SCAFFOLD"), ({"dp": "server"}, "cannot clip"),
+    ({"dp": "server"}, "cannot clip"),
     ({"sample_clients": 2, "min_fit_clients": 2}, "at least 3 clients"),
 ])
 def test_incompatible_settings_are_refused_at_start(tiny_model_dir: Path, changes: dict, reason: str):
@@ -349,12 +352,14 @@ def test_composes_with_fedadam_and_client_dp(fresh: Path, tmp_path: Path):
     assert json.dumps(server.status()["dp"])
 
 
-def test_the_simulation_runs_the_same_stages(fresh: Path, tmp_path: Path):
-    """run_federation (simulate.py's loop) with synthetic updates: the secure mean equals the plain one."""
+@pytest.mark.parametrize("fed_alg", ["fedavg", "scaffold"])
+def test_the_simulation_runs_the_same_stages(fresh: Path, tmp_path: Path, fed_alg: str):
+    """run_federation (simulate.py's loop) with synthetic updates: the secure mean equals the plain one; with
+    SCAFFOLD every client commits c_i⁺ = c_i + Δc_i (fedllm.client.state) and the server's c = (1/N) Σ_i c_i."""
     from fedllm.client.state import FederationBinding
     from fedllm.simulation import ClientPool, run_federation
 
-    server = make_server(fresh, tmp_path)
+    server = make_server(fresh, tmp_path, fed_alg=fed_alg)
     federation = server.federation
     deltas, _ = write_deltas(server, tmp_path, seed=6)
 
@@ -370,7 +375,9 @@ def test_the_simulation_runs_the_same_stages(fresh: Path, tmp_path: Path):
             for client_id in client_ids:
                 state = self.client_state(client_id, binding)
                 update = {n: t * round_number for n, t in deltas[client_id].items()}
-                pending = state.write_pending(round_number, encode(update, "float32"), SAMPLES[client_id], {})
+                committed = state.committed()
+                c_i = {n: committed.get(n, torch.zeros_like(t)) + t for n, t in update.items() if n.startswith("control.")}
+                pending = state.write_pending(round_number, encode(update, "float32"), SAMPLES[client_id], c_i)
                 self.deliver(federation, client_id, pending)
 
     old, _ = load_state(federation.store.state_path(0))
@@ -379,7 +386,14 @@ def test_the_simulation_runs_the_same_stages(fresh: Path, tmp_path: Path):
     assert [h["participants"] for h in history] == [sorted(SAMPLES)] * 2
     new, _ = load_state(federation.store.state_path(2))
     mean = plain_mean(deltas, sorted(SAMPLES))
-    assert_close({k: new[k] - old[k] for k in new}, {k: 3 * v for k, v in mean.items()}, bound=3e-6)  # rounds 1+2
+    assert_close({k: new[k] - old[k] for k in new}, {k: 3 * mean[k] for k in new}, bound=3e-6)  # rounds 1+2
+    _, c = load_state(federation.store.state_path(2))
+    assert bool(c) == (fed_alg == "scaffold")
+    if fed_alg == "fedavg":
+        return
+    client_states = [load_file(str(tmp_path / "clients" / client / "client_state.safetensors")) for client in SAMPLES]
+    for name, tensor in c.items():  # as tests/test_algorithms_http.py::assert_scaffold_controls_round_trip
+        torch.testing.assert_close(tensor, sum(s[name] for s in client_states) / 5, atol=1e-7, rtol=0)
 
 
 def test_inconsistent_unmasking_shares_rerun_the_round(fresh: Path, tmp_path: Path):
@@ -416,3 +430,48 @@ def test_an_operator_abort_starts_a_new_attempt(fresh: Path, tmp_path: Path):
     drive(server, pending, tmp_path, stop=aggregated(server), between=abort_in_share)
     assert aborted and server.federation.history()[0]["secagg"]["attempt"] == 1
     assert_close(global_delta(server), plain_mean(deltas, sorted(SAMPLES)))
+
+
+@pytest.mark.parametrize("vanished", [[], ["c1"]])
+def test_scaffold_global_and_control_variate_equal_the_plain_aggregation(fresh: Path, tmp_path: Path,
+                                                                         vanished: list[str]):
+    """SCAFFOLD under SecAgg+: Δw by the weighted mean, Δc by the plain sum; a client gone after the share exchange
+    is not counted and does not commit its c_i, so the server's c = (1/N) Σ_i c_i over the committed c_i."""
+    from fedllm.algorithms import InMemoryUpdate, run_aggregation
+    from fedllm.secagg.encoding import FixedPoint
+
+    server = make_server(fresh, tmp_path, fed_alg="scaffold", round_timeout=60)
+    deltas, pending = write_deltas(server, tmp_path, seed=6)
+    assert any(n.startswith("control.") for n in deltas["c0"])
+    absent: set[str] = set()
+
+    def vanish_then_expire() -> None:
+        secagg = server.status()["secagg"]
+        if vanished and secagg["stage"] == "masked" and not absent:
+            absent.update(vanished)  # answered the share exchange, never uploads its masked input
+        if absent and secagg["stage"] == "masked" and secagg["answered"] >= 5 - len(vanished):
+            expire_stage(server)
+
+    results = drive(server, pending, tmp_path, stop=aggregated(server), between=vanish_then_expire, absent=absent)
+    assert not results  # a client with state waits for the aggregate before it commits
+    for client in SAMPLES:  # every client, the vanished one back too, looks once more: the round is aggregated
+        uploader = SecureUploader(FlaskClientAdapter(server, client), server.federation.client_config(),
+                                  tmp_path / client)
+        results[client] = uploader.step(pending[client])
+    survivors = sorted(set(SAMPLES) - set(vanished))
+    assert results == {c: c in survivors for c in SAMPLES}  # commit exactly when counted (server's history)
+    assert server.federation.history()[0]["participants"] == survivors
+
+    old, state = load_state(server.federation.store.state_path(0))
+    new, new_state = load_state(server.federation.store.state_path(1))
+    plain_global, plain_state = run_aggregation(server.federation.algorithm, old, [
+        InMemoryUpdate(c, SAMPLES[c], deltas[c]) for c in survivors], state)
+    assert_close(new, plain_global)
+    bound = FixedPoint(32, 1.0).sum_error_bound(len(survivors), len(SAMPLES)) / 5  # c errs by Σ's bound / N
+    committed = {c: {n: t for n, t in deltas[c].items() if n.startswith("control.")} for c in survivors}
+    assert set(new_state) == set(plain_state) and new_state
+    for name, c in new_state.items():
+        assert torch.max(torch.abs(c - plain_state[name])).item() <= bound + 1e-7, name
+        mean_of_clients = sum(committed[client][name] for client in survivors) / 5  # uncommitted c_i stay 0
+        torch.testing.assert_close(c, mean_of_clients, atol=bound + 1e-7, rtol=0)
+    assert any(c.abs().sum() > 0 for c in new_state.values())

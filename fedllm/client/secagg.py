@@ -21,7 +21,7 @@ import numpy as np
 from safetensors import safe_open
 
 from ..fsutil import atomic_write_bytes
-from ..secagg.encoding import FixedPoint
+from ..secagg.encoding import FixedPoint, encoded_order
 from ..secagg.protocol import ClientRound, ProtocolError, RoundSetup
 from ..secagg.wire import masked_file
 from .http import FederationClient, ServerError
@@ -38,14 +38,19 @@ class SecureUploader:
         self.client = client
         self.config = server_config
         self.federation = server_config["federation"]
-        self.names = sorted(server_config["upload_tensors"])
-        self.length = sum(int(np.prod(s)) for s in server_config["upload_tensors"].values()) + 1
+        upload = server_config["upload_tensors"]
+        # The upload extras (SCAFFOLD's Δc_i) are summed, not averaged; a client with such state commits it only
+        # once the server's history says its update is in the round's aggregate (see step).
+        summed = set(upload) - set(server_config["adapter"])
+        self.carries_state = bool(summed)
+        self.names, self.summed_from = encoded_order(upload, summed)
+        self.length = sum(int(np.prod(s)) for s in upload.values()) + 1
         self.folder = Path(folder) / "secagg"
         self.poll_interval = poll_interval
 
     def __call__(self, pending: Any) -> bool:
-        """True once this client's part of the round is done (unmasking answered); False when the round went on
-        without it (it was dropped, or the round moved on)."""
+        """True once this client's part of the round is done (unmasking answered; with client state, once the round
+        is aggregated with its update in it); False when the round went on without it (dropped, or moved on)."""
         while (finished := self.step(pending)) is None:
             time.sleep(self.poll_interval)
         return finished
@@ -54,6 +59,11 @@ class SecureUploader:
         """Look at the open stage once and answer it if it is this client's turn; None while not finished."""
         view = self.client.secagg_view()
         stage = view.get("stage")
+        if self.carries_state and (view.get("round") != pending.round or stage in (None, "done")):
+            counted = self._counted(pending.round)
+            if counted is None and view.get("round") != pending.round:
+                return False  # the round moved on without an aggregate of it (the federation was reset)
+            return counted
         if view.get("round") != pending.round or stage is None:
             answered = any("unmask_sent" in json.loads(p.read_text())
                            for p in self.folder.glob(f"r{pending.round:06d}.a*.json"))
@@ -78,7 +88,21 @@ class SecureUploader:
                     raise
                 log.info("round %d: %s not taken (%s); looking again", pending.round, stage, exc.detail)
                 return None
-        return True if stage == "unmask" else None
+        return True if stage == "unmask" and not self.carries_state else None
+
+    def _counted(self, round_number: int) -> bool | None:
+        """Whether this client's update is in round ``round_number``'s aggregate, by the server's history (its
+        ``participated``: in the survivors U3 of the attempt that was unmasked and aggregated); None until the
+        round is aggregated. A client whose state moves with its update (SCAFFOLD's c_i) commits exactly then:
+        dropped at any stage, or in an attempt that failed, it is not counted and must not commit."""
+        record = next((r for r in self.client.history() if r.get("round") == round_number), None)
+        if record is None:
+            return None
+        # A client token's view says "participated"; an unauthenticated server's full view lists the participants.
+        counted = bool(record.get("participated", self.client.client_id in (record.get("participants") or [])))
+        if not counted:
+            log.warning("round %d: aggregated without this client's update", round_number)
+        return counted
 
     def _answer(self, party: ClientRound, stage: str, view: Mapping[str, Any], pending: Any) -> None:
         setup = party.setup
@@ -126,7 +150,9 @@ class SecureUploader:
         """The pending update (its adapter tensors and extras, in the served order) as ring elements."""
         with safe_open(str(update_path), framework="pt") as f:
             flat = np.concatenate([f.get_tensor(n).float().numpy().ravel() for n in self.names])
-        encoded, clipped = FixedPoint(setup.bits, setup.clip).encode(flat, setup.weights[self.client.client_id])
+        encoded, clipped = FixedPoint(setup.bits, setup.clip).encode(flat, setup.weights[self.client.client_id],
+                                                                     summed_from=self.summed_from,
+                                                                     clients=len(setup.clients))
         if clipped:
             log.warning("round %d: %d coordinates of the update were outside ±%g and clipped (--secagg_clip)",
                         setup.round, clipped, setup.clip)

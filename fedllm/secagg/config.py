@@ -11,8 +11,9 @@ from typing import Any
 from ..algorithms.base_config import range_problem
 
 SECAGG_MODES = ("off", "secagg+")
-# Algorithms whose server step needs only the (weighted) mean delta, which is what the secure sum gives.
-SECAGG_COMPATIBLE = ("fedavg", "fedprox", "fedavgm", "fedadagrad", "fedyogi", "fedadam")
+# Algorithms whose server step needs only the (weighted) mean delta, which is what the secure sum gives, and
+# SCAFFOLD, whose control-variate deltas are summed securely too (unweighted: fedllm.secagg.encoding).
+SECAGG_COMPATIBLE = ("fedavg", "fedprox", "fedavgm", "fedadagrad", "fedyogi", "fedadam", "scaffold")
 
 
 @dataclass
@@ -73,8 +74,7 @@ class SecAggArguments:
         if self.fed_alg not in SECAGG_COMPATIBLE:
             problems.append(f"--secure_aggregation with --fed_alg {self.fed_alg} is refused: the server learns only "
                             f"the sum, which only {', '.join(SECAGG_COMPATIBLE)} aggregate; robust rules (median, "
-                            "trimmed mean, Krum) need the individual updates and SCAFFOLD's control variates are not "
-                            "summed securely here")
+                            "trimmed mean, Krum) need the individual updates")
         if self.dp == "server":
             problems.append("--dp server with --secure_aggregation: the server cannot clip updates it never sees; "
                             "use --dp client (clients clip, the server noises the secure mean)")

@@ -109,7 +109,7 @@ class Federation:
         self.secure: SecureRounds | None = None
         if self.config.secagg_enabled:
             self.secure = SecureRounds(store, self.config, self.federation_id, self.upload_spec,
-                                       self.rounds.resample_secure)
+                                       self.rounds.resample_secure, summed=set(self.upload_spec) - set(self.spec))
             self.rounds.secure = self.secure
         self._last_seen: dict[str, float] = {}
 

@@ -211,6 +211,7 @@ def _schemas() -> dict[str, Schema]:
                 "sampled": {"type": "array", "items": client_id, "description": "viewer and admin tokens"},
                 "num_participants": {**count, "description": "a client token"},
                 "num_sampled": {**count, "description": "a client token"},
+                "participated": {"type": "boolean", "description": "a client token: its update is in the aggregate"},
                 "num_samples": count, "train_loss": _nullable(number), "eval_loss": _nullable(number),
                 "seconds": number, "aggregation_seconds": number, "bytes_received": count,
                 "bytes_sent": {**count, "description": "global downloads while the round was open"},

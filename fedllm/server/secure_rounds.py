@@ -24,7 +24,7 @@ import json
 import logging
 import shutil
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -36,6 +36,7 @@ from ..algorithms import InMemoryUpdate, run_aggregation
 from ..config import FederationArguments
 from ..faults import fault_point
 from ..fsutil import atomic_write_bytes, fsync_dir
+from ..secagg.encoding import encoded_order
 from ..secagg.graph import auto_neighbours
 from ..secagg.protocol import (
     AlreadySent,
@@ -71,11 +72,13 @@ class SecureRounds:
     """The SecAgg+ stages of the rounds of one federation (one instance per worker process)."""
 
     def __init__(self, store: Store, config: FederationArguments, federation_id: str,
-                 adapter_spec: Mapping[str, tuple[int, ...]], set_sampled: Callable[[Any, int, list[str]], list[str]]):
+                 adapter_spec: Mapping[str, tuple[int, ...]], set_sampled: Callable[[Any, int, list[str]], list[str]],
+                 summed: Iterable[str] = ()):
         self.store = store
         self.config = config
         self.federation_id = federation_id
-        self.names = sorted(adapter_spec)  # the order of the coordinates of an encoded update
+        # ``summed``: the upload extras (SCAFFOLD's Δc_i) whose plain sum the algorithm needs, not their weighted mean
+        self.names, self.summed_from = encoded_order(adapter_spec, summed)  # the order of an encoded update's coordinates
         self.shapes = {n: tuple(adapter_spec[n]) for n in self.names}
         self.length = sum(int(np.prod(s)) for s in self.shapes.values()) + 1
         self.set_sampled = set_sampled  # (db, round, clients) -> the clients a re-run uses (the round engine's)
@@ -327,7 +330,9 @@ class SecureRounds:
 
     # ------------------------------------------------------------------ the secure sum
     def mean_delta(self, round_number: int) -> tuple[dict[str, torch.Tensor], list[str], float] | None:
-        """The unmasked weighted mean delta of the round, its contributors U3 and their weight fraction P; None when
+        """The unmasked weighted mean delta of the round (and the plain sums Σ_U3 of the summed extras, SCAFFOLD's
+        Σ Δc_i, which the algorithm's step on this one "update" then adds as the plain path adds each client's),
+        its contributors U3 and their weight fraction P; None when
         the revealed shares do not rebuild the secrets (inconsistent, or a key that does not match its public
         key): the attempt fails and the round re-runs with all its clients."""
         server = self.load(round_number)
@@ -350,7 +355,7 @@ class SecureRounds:
                 yield parse_masked(body)[0]
 
         total = unmask_sum(vectors(), corrections, setup.fixed_point, setup.length)
-        flat, weight = setup.fixed_point.decode_mean(total)
+        flat, weight = setup.fixed_point.decode_mean(total, self.summed_from, len(setup.clients))
         mean, offset = {}, 0
         for name in self.names:
             size = int(np.prod(self.shapes[name]))
@@ -362,7 +367,8 @@ class SecureRounds:
 def aggregate_secure_mean(algorithm: Any, config: FederationArguments, global_params: Mapping[str, torch.Tensor],
                           mean: dict[str, torch.Tensor], participants: int, state: Mapping[str, torch.Tensor]):
     """The algorithm's server step on the secure mean Δ̄: through :func:`run_aggregation` as the one update it
-    averages (FedAvg, FedProx, FedAvgM, FedOpt); with ``--dp client`` DP-FedAvg's Gaussian noise
+    averages (FedAvg, FedProx, FedAvgM, FedOpt; SCAFFOLD, whose ``control.`` entries of ``mean`` are the plain sum
+    Σ_U Δc_i, so its c ← c + (1/N)·Σ_U Δc_i as in the plain path); with ``--dp client`` DP-FedAvg's Gaussian noise
     N(0, (σ·C/m)²) is added to the mean first (the clients clipped to C; m = the unmasked participants)."""
     if not config.dp_enabled:
         return run_aggregation(algorithm, global_params, [InMemoryUpdate("secure-sum", 1, mean)], state)

@@ -25,6 +25,7 @@ def history_view(history: list[dict[str, Any]], client_id: str | None) -> list[d
         view = {k: v for k, v in record.items() if k not in ("participants", "sampled", "metrics")}
         view["num_participants"] = len(record.get("participants") or [])
         view["num_sampled"] = len(record.get("sampled") or [])
+        view["participated"] = client_id in (record.get("participants") or [])  # its own only (secagg+ SCAFFOLD)
         own = (record.get("metrics") or {}).get(client_id)
         view["metrics"] = {client_id: own} if own is not None else {}
         records.append(view)
