@@ -77,6 +77,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--output_dir", default=None, help="Default: bench/results/fl_vs_local_<study>/.")
     parser.add_argument("--results_prefix", default=None, help="Default: bench/results/fl_vs_local_<study>.")
     parser.add_argument("--algorithms", default=",".join(ALGORITHMS))
+    parser.add_argument("--baselines", default="local,central",
+                        help="Which of the local and central rows to run (two processes may share the work: "
+                             "each run's scores are kept in its folder, so a last run with every row only collects).")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--alphas", default=None, help="fpb: Dirichlet concentrations (default 0.1,0.5,1.0).")
     parser.add_argument("--full_alphas", default="0.5",
@@ -117,6 +120,12 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 def _write_jsonl(path: Path, records: list[dict[str, Any]]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+
+
+def _write_json(path: Path, value: Any) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(value, indent=1))
+    tmp.replace(path)
 
 
 def _hold_out(records: list[dict[str, Any]], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
@@ -312,8 +321,15 @@ def main(argv: list[str] | None = None) -> int:
     full = alphas if args.full_alphas == "all" else [float(a) for a in args.full_alphas.split(",") if a]
 
     def prepare(alpha: float | None, seed: int) -> dict[str, Any]:
+        """The split's files, written once (a running simulation of another process may be reading them)."""
         folder = output_dir / "data" / (f"alpha{alpha:g}_seed{seed}" if alpha is not None else f"seed{seed}")
-        return prepare_fpb(args, alpha, seed, folder) if alpha is not None else prepare_dolly(args, seed, folder)
+        marker = folder / "split.json"
+        if marker.exists():
+            return {k: Path(v) if k in ("clients", "valid", "test") else v
+                    for k, v in json.loads(marker.read_text()).items()}
+        data = prepare_fpb(args, alpha, seed, folder) if alpha is not None else prepare_dolly(args, seed, folder)
+        _write_json(marker, {k: str(v) if isinstance(v, Path) else v for k, v in data.items()})
+        return data
 
     scorer_box: list[Scorer] = []
     tuning = None
@@ -333,12 +349,25 @@ def main(argv: list[str] | None = None) -> int:
             splits[f"{alpha_key}/{seed}"] = data["split"]
             # central and fedavg first: the quickest sign of whether the schedule learns at all
             chosen = algorithms if alpha is None or alpha in full else ["fedavg"]
-            plan = [("central", "central", "fedavg")] + [(a, "federated", a) for a in chosen if a == "fedavg"]
-            plan += [("local", "local", "fedavg")] + [(a, "federated", a) for a in chosen if a != "fedavg"]
+            baselines = args.baselines.split(",")
+            plan = [("central", "central", "fedavg")] if "central" in baselines else []
+            plan += [(a, "federated", a) for a in chosen if a == "fedavg"]
+            plan += [("local", "local", "fedavg")] if "local" in baselines else []
+            plan += [(a, "federated", a) for a in chosen if a != "fedavg"]
             base_dir = output_dir / "runs" / (f"alpha{alpha_key}" if alpha is not None else "") / f"seed{seed}"
             first = seed == seeds[0]
+            if (base_dir / "base_scores.json").exists() and not any(c["setting"] == "base" and c["alpha"] == alpha_key
+                                                                    for c in cells):
+                cells.append(json.loads((base_dir / "base_scores.json").read_text()))
             for name, mode, fed_alg in plan:
                 overrides = server_overrides(args, fed_alg, tuned) if mode == "federated" else {}
+                scored = base_dir / name / "scores.json"  # this run's cell and curve, once scored
+                if scored.exists():
+                    done = json.loads(scored.read_text())
+                    cells.append(done["cell"])
+                    if done["curve"] is not None:
+                        curves.setdefault(alpha_key, {})[name] = done["curve"]
+                    continue
                 result, seconds = run(args, model, name, mode, fed_alg, data, base_dir / name, seed, overrides, first)
                 if not scorer_box:
                     scorer_box.append(Scorer(model, next(iter(result.adapters.values())), args.study, args))
@@ -346,6 +375,7 @@ def main(argv: list[str] | None = None) -> int:
                 if not any(c["setting"] == "base" and c["alpha"] == alpha_key for c in cells):
                     cells.append({"alpha": alpha_key, "seed": seed, "setting": "base",
                                   **scorer.score(None, data["test"])})
+                    _write_json(base_dir / "base_scores.json", cells[-1])
                 per_adapter = {cid: scorer.score(path, data["test"]) for cid, path in result.adapters.items()}
                 steps = int(sum(m.get("steps", 0) for runs in result.history.values() for h in runs
                                 for m in h["metrics"].values()))
@@ -360,11 +390,13 @@ def main(argv: list[str] | None = None) -> int:
                 if len(scores) > 1:
                     cell["clients"] = per_adapter
                 cells.append(cell)
+                curve = None
                 if first and mode != "local":
                     final = next(iter(result.adapters.values()))
-                    curves.setdefault(alpha_key, {})[name] = [
+                    curve = curves.setdefault(alpha_key, {})[name] = [
                         scorer.score(final.parent / f"round_{r}", data["test"], args.curve_examples, ("loss",))["loss"]
                         for r in range(1, args.num_rounds + 1)]
+                _write_json(scored, {"cell": cell, "curve": curve})
                 print(json.dumps({k: v for k, v in cell.items() if k != "clients"}), flush=True)
                 write_results(args, argv, cells, curves, tuning, splits, model, time.time() - started)
     return 0
