@@ -494,6 +494,10 @@ def chart(args: argparse.Namespace, tables: dict[str, list[dict[str, Any]]],
         for i, (setting, values) in enumerate(c for c in curves[alpha].items() if c[0] != "central"):
             ax.plot(rounds, values, marker="o", markersize=3, linewidth=1.3, color=plt.cm.tab10(i % 10),
                     label=setting)
+        if "central" in curves[alpha]:
+            ax.plot(rounds, curves[alpha]["central"], marker="s", markersize=3, linewidth=0.8, color="black",
+                    alpha=0.6, label="central (per round)")
+        ax.set_xticks(rounds)
         ax.set_xlabel("round")
         ax.set_ylabel("held-out loss (label tokens)" if args.study == "fpb" else "held-out loss (response tokens)")
         ax.set_title(f"{args.study.upper()}" + (f", α = {alpha}" if alpha != "-" else "")
