@@ -399,6 +399,7 @@ def main(argv: list[str] | None = None) -> int:
                 _write_json(scored, {"cell": cell, "curve": curve})
                 print(json.dumps({k: v for k, v in cell.items() if k != "clients"}), flush=True)
                 write_results(args, argv, cells, curves, tuning, splits, model, time.time() - started)
+    write_results(args, argv, cells, curves, tuning, splits, model, time.time() - started)  # also when all were kept
     return 0
 
 
