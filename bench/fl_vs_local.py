@@ -61,7 +61,7 @@ TUNING_GRID: dict[str, dict[str, list[float]]] = {
 LABELS = ("negative", "neutral", "positive")
 # Study defaults: chosen so that the whole study fits well under an hour on 2 CPU cores.
 STUDY_DEFAULTS: dict[str, dict[str, Any]] = {
-    "fpb": dict(num_rounds=4, max_steps=10, sample_clients=3, batch_size=8, learning_rate=2e-2, seq_length=160,
+    "fpb": dict(num_rounds=5, max_steps=20, sample_clients=3, batch_size=8, learning_rate=1e-2, seq_length=160,
                 alphas="0.1,0.5,1.0", target_modules="q_proj,k_proj,v_proj,o_proj,up_proj,down_proj,gate_proj"),
     "dolly": dict(num_rounds=4, max_steps=10, sample_clients=3, batch_size=8, learning_rate=2e-2, seq_length=256,
                   alphas="", target_modules="q_proj,k_proj,v_proj,o_proj,up_proj,down_proj,gate_proj"),
@@ -77,6 +77,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--output_dir", default=None, help="Default: bench/results/fl_vs_local_<study>/.")
     parser.add_argument("--results_prefix", default=None, help="Default: bench/results/fl_vs_local_<study>.")
     parser.add_argument("--algorithms", default=",".join(ALGORITHMS))
+    parser.add_argument("--baselines", default="local,central",
+                        help="Which of the local and central rows to run (two processes may share the work: "
+                             "each run's scores are kept in its folder, so a last run with every row only collects).")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--alphas", default=None, help="fpb: Dirichlet concentrations (default 0.1,0.5,1.0).")
     parser.add_argument("--full_alphas", default="0.5",
@@ -99,7 +102,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--test_size", type=int, default=300, help="fpb: held-out test sentences.")
     parser.add_argument("--valid_fraction", type=float, default=0.1, help="fpb: share of each client kept for --tune.")
     parser.add_argument("--dataset_sample", type=int, default=200, help="dolly: training examples per client.")
-    parser.add_argument("--curve_examples", type=int, default=100, help="Test examples scored per round (first seed).")
+    parser.add_argument("--curve_examples", type=int, default=None,
+                        help="Test examples scored per round for the chart (first seed; default: all).")
     parser.add_argument("--overwrite", action="store_true", help="Delete earlier runs in --output_dir first.")
     args = parser.parse_args(argv)
     for key, value in STUDY_DEFAULTS[args.study].items():
@@ -116,6 +120,12 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 def _write_jsonl(path: Path, records: list[dict[str, Any]]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+
+
+def _write_json(path: Path, value: Any) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(value, indent=1))
+    tmp.replace(path)
 
 
 def _hold_out(records: list[dict[str, Any]], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
@@ -214,14 +224,16 @@ class Scorer:
                                             max_samples=limit, seed=0)
         return self.cache[key]
 
-    def score(self, adapter: Path | None, source: Path, limit: int | None = None) -> dict[str, float]:
-        """accuracy and macro_f1 (fpb) or loss (dolly) of ``adapter`` (None: the base) on ``source``."""
+    def score(self, adapter: Path | None, source: Path, limit: int | None = None,
+              metrics: tuple[str, ...] | None = None) -> dict[str, float]:
+        """accuracy, macro_f1 and the loss on the label tokens (fpb), or the loss (dolly), of ``adapter``
+        (None: the base) on ``source``; ``metrics`` narrows them (``("loss",)`` skips generation)."""
         import contextlib
 
         from fedllm.evaluation import evaluate
         from fedllm.export import load_adapter_dir
 
-        metrics = ["classification"] if self.study == "fpb" else ["loss"]
+        metrics = list(metrics or (("classification", "loss") if self.study == "fpb" else ("loss",)))
         context = contextlib.nullcontext()
         if adapter is None:
             context = self.evaluator.model.disable_adapter()
@@ -229,8 +241,8 @@ class Scorer:
             self.evaluator.set_adapter(load_adapter_dir(adapter).tensors)
         with context:
             result = evaluate(self.evaluator, self.examples(source, limit), metrics, label_words=LABELS,
-                              seq_length=self.args.seq_length, batch_size=32, max_new_tokens=3, progress=False)
-        keep = ("accuracy", "macro_f1", "unparsed") if self.study == "fpb" else ("loss", "perplexity")
+                              seq_length=self.args.seq_length, batch_size=32, max_new_tokens=5, progress=False)
+        keep = ("accuracy", "macro_f1", "unparsed", "loss") if "classification" in metrics else ("loss",)
         return {k: float(result["metrics"][k]) for k in keep}
 
 
@@ -309,8 +321,15 @@ def main(argv: list[str] | None = None) -> int:
     full = alphas if args.full_alphas == "all" else [float(a) for a in args.full_alphas.split(",") if a]
 
     def prepare(alpha: float | None, seed: int) -> dict[str, Any]:
+        """The split's files, written once (a running simulation of another process may be reading them)."""
         folder = output_dir / "data" / (f"alpha{alpha:g}_seed{seed}" if alpha is not None else f"seed{seed}")
-        return prepare_fpb(args, alpha, seed, folder) if alpha is not None else prepare_dolly(args, seed, folder)
+        marker = folder / "split.json"
+        if marker.exists():
+            return {k: Path(v) if k in ("clients", "valid", "test") else v
+                    for k, v in json.loads(marker.read_text()).items()}
+        data = prepare_fpb(args, alpha, seed, folder) if alpha is not None else prepare_dolly(args, seed, folder)
+        _write_json(marker, {k: str(v) if isinstance(v, Path) else v for k, v in data.items()})
+        return data
 
     scorer_box: list[Scorer] = []
     tuning = None
@@ -321,9 +340,8 @@ def main(argv: list[str] | None = None) -> int:
     tuned = tuning["chosen"] if tuning else {}
 
     cells: list[dict[str, Any]] = []  # one per (alpha, seed, setting)
-    curves: dict[str, dict[str, list[float]]] = {}  # alpha -> setting -> per-round main metric (first seed)
+    curves: dict[str, dict[str, list[float]]] = {}  # alpha -> setting -> per-round held-out loss (first seed)
     splits: dict[str, str] = {}
-    metric, _ = main_metric(args.study)
     for alpha in alphas:
         alpha_key = "-" if alpha is None else f"{alpha:g}"
         for seed in seeds if (alpha is None or alpha in full) else seeds[:1]:
@@ -331,12 +349,25 @@ def main(argv: list[str] | None = None) -> int:
             splits[f"{alpha_key}/{seed}"] = data["split"]
             # central and fedavg first: the quickest sign of whether the schedule learns at all
             chosen = algorithms if alpha is None or alpha in full else ["fedavg"]
-            plan = [("central", "central", "fedavg")] + [(a, "federated", a) for a in chosen if a == "fedavg"]
-            plan += [("local", "local", "fedavg")] + [(a, "federated", a) for a in chosen if a != "fedavg"]
+            baselines = args.baselines.split(",")
+            plan = [("central", "central", "fedavg")] if "central" in baselines else []
+            plan += [(a, "federated", a) for a in chosen if a == "fedavg"]
+            plan += [("local", "local", "fedavg")] if "local" in baselines else []
+            plan += [(a, "federated", a) for a in chosen if a != "fedavg"]
             base_dir = output_dir / "runs" / (f"alpha{alpha_key}" if alpha is not None else "") / f"seed{seed}"
             first = seed == seeds[0]
+            if (base_dir / "base_scores.json").exists() and not any(c["setting"] == "base" and c["alpha"] == alpha_key
+                                                                    for c in cells):
+                cells.append(json.loads((base_dir / "base_scores.json").read_text()))
             for name, mode, fed_alg in plan:
                 overrides = server_overrides(args, fed_alg, tuned) if mode == "federated" else {}
+                scored = base_dir / name / "scores.json"  # this run's cell and curve, once scored
+                if scored.exists():
+                    done = json.loads(scored.read_text())
+                    cells.append(done["cell"])
+                    if done["curve"] is not None:
+                        curves.setdefault(alpha_key, {})[name] = done["curve"]
+                    continue
                 result, seconds = run(args, model, name, mode, fed_alg, data, base_dir / name, seed, overrides, first)
                 if not scorer_box:
                     scorer_box.append(Scorer(model, next(iter(result.adapters.values())), args.study, args))
@@ -344,6 +375,7 @@ def main(argv: list[str] | None = None) -> int:
                 if not any(c["setting"] == "base" and c["alpha"] == alpha_key for c in cells):
                     cells.append({"alpha": alpha_key, "seed": seed, "setting": "base",
                                   **scorer.score(None, data["test"])})
+                    _write_json(base_dir / "base_scores.json", cells[-1])
                 per_adapter = {cid: scorer.score(path, data["test"]) for cid, path in result.adapters.items()}
                 steps = int(sum(m.get("steps", 0) for runs in result.history.values() for h in runs
                                 for m in h["metrics"].values()))
@@ -358,13 +390,16 @@ def main(argv: list[str] | None = None) -> int:
                 if len(scores) > 1:
                     cell["clients"] = per_adapter
                 cells.append(cell)
+                curve = None
                 if first and mode != "local":
                     final = next(iter(result.adapters.values()))
-                    curves.setdefault(alpha_key, {})[name] = [
-                        scorer.score(final.parent / f"round_{r}", data["test"], args.curve_examples)[metric]
+                    curve = curves.setdefault(alpha_key, {})[name] = [
+                        scorer.score(final.parent / f"round_{r}", data["test"], args.curve_examples, ("loss",))["loss"]
                         for r in range(1, args.num_rounds + 1)]
+                _write_json(scored, {"cell": cell, "curve": curve})
                 print(json.dumps({k: v for k, v in cell.items() if k != "clients"}), flush=True)
                 write_results(args, argv, cells, curves, tuning, splits, model, time.time() - started)
+    write_results(args, argv, cells, curves, tuning, splits, model, time.time() - started)  # also when all were kept
     return 0
 
 
@@ -373,7 +408,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def table_rows(cells: list[dict[str, Any]], study: str) -> dict[str, list[dict[str, Any]]]:
     """alpha -> one row per setting: mean ± std over seeds of each metric (local: of the clients' mean)."""
-    keys = ("accuracy", "macro_f1") if study == "fpb" else ("loss",)
+    keys = ("accuracy", "macro_f1", "loss") if study == "fpb" else ("loss",)
     by_alpha: dict[str, list[dict[str, Any]]] = {}
     for alpha in dict.fromkeys(c["alpha"] for c in cells):
         rows = []
@@ -398,7 +433,7 @@ def _label(setting: str) -> str:
 
 def markdown(args: argparse.Namespace, command: str, tables: dict[str, list[dict[str, Any]]],
              tuning: dict[str, Any] | None, seconds: float) -> str:
-    keys = ("accuracy", "macro_f1") if args.study == "fpb" else ("loss",)
+    keys = ("accuracy", "macro_f1", "loss") if args.study == "fpb" else ("loss",)
     lines = [f"Command: `{command}` ({seconds / 60:.1f} minutes in all)", ""]
     if tuning:
         lines += [f"Tuned on the validation split (seed {tuning['seed']}, by {tuning['metric']}): "
@@ -431,7 +466,8 @@ def markdown(args: argparse.Namespace, command: str, tables: dict[str, list[dict
 
 def chart(args: argparse.Namespace, tables: dict[str, list[dict[str, Any]]],
           curves: dict[str, dict[str, list[float]]], path: Path) -> bool:
-    """Per-round main metric of every algorithm (first seed), local and central finals as bands."""
+    """Held-out loss per round of every algorithm (first seed; FPB: on the label tokens of ``--curve_examples``
+    test sentences), with local (the clients' range and mean) and central (final) as horizontal bands."""
     try:
         import matplotlib
 
@@ -440,7 +476,7 @@ def chart(args: argparse.Namespace, tables: dict[str, list[dict[str, Any]]],
     except ImportError:
         print("matplotlib is not installed: no chart (pip install matplotlib)", file=sys.stderr)
         return False
-    metric, _ = main_metric(args.study)
+    metric = "loss"
     alphas = [a for a in tables if a in curves and len(curves[a]) > 2] or list(curves)[:1]
     fig, axes = plt.subplots(1, len(alphas), figsize=(6.5 * len(alphas), 4.6), squeeze=False)
     for ax, alpha in zip(axes[0], alphas, strict=True):
@@ -459,8 +495,12 @@ def chart(args: argparse.Namespace, tables: dict[str, list[dict[str, Any]]],
         for i, (setting, values) in enumerate(c for c in curves[alpha].items() if c[0] != "central"):
             ax.plot(rounds, values, marker="o", markersize=3, linewidth=1.3, color=plt.cm.tab10(i % 10),
                     label=setting)
+        if "central" in curves[alpha]:
+            ax.plot(rounds, curves[alpha]["central"], marker="s", markersize=3, linewidth=0.8, color="black",
+                    alpha=0.6, label="central (per round)")
+        ax.set_xticks(rounds)
         ax.set_xlabel("round")
-        ax.set_ylabel({"macro_f1": "macro-F1 (test subset)", "loss": "held-out loss"}[metric])
+        ax.set_ylabel("held-out loss (label tokens)" if args.study == "fpb" else "held-out loss (response tokens)")
         ax.set_title(f"{args.study.upper()}" + (f", α = {alpha}" if alpha != "-" else "")
                      + f" (seed {args.seeds.split(',')[0]})")
         ax.grid(alpha=0.3)

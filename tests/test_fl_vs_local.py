@@ -40,10 +40,10 @@ def test_fpb_split_never_gives_a_client_a_test_or_validation_sentence(tmp_path: 
 def test_table_markdown_and_chart(tmp_path: Path) -> None:
     args = bench.parse(["--study", "fpb", "--num_rounds", "2", "--seeds", "0,1"])
     cells = [{"alpha": "0.5", "seed": s, "setting": name, "steps": 10, "accuracy": acc + s / 100,
-              "macro_f1": acc / 2, **extra}
+              "macro_f1": acc / 2, "loss": 1 - acc, **extra}
              for s in (0, 1) for name, acc, extra in (
                  ("base", 0.2, {}), ("local", 0.5, {"accuracy_min": 0.4, "accuracy_max": 0.6, "macro_f1_min": 0.2,
-                                                    "macro_f1_max": 0.3}),
+                                                    "macro_f1_max": 0.3, "loss_min": 0.4, "loss_max": 0.6}),
                  ("central", 0.8, {}), ("fedavg", 0.7, {}))]
     tables = bench.table_rows(cells, "fpb")
     fedavg = next(r for r in tables["0.5"] if r["setting"] == "fedavg")
@@ -51,6 +51,6 @@ def test_table_markdown_and_chart(tmp_path: Path) -> None:
     text = bench.markdown(args, "python bench/fl_vs_local.py", tables, None, 60.0)
     assert "| federated: fedavg | 2 | 0.705 ± 0.007 (+0.200)" in text
     pytest.importorskip("matplotlib")
-    curves = {"0.5": {"central": [0.6, 0.8], "fedavg": [0.5, 0.7]}}
+    curves = {"0.5": {"central": [0.4, 0.2], "fedavg": [0.5, 0.3]}}
     assert bench.chart(args, tables, curves, tmp_path / "chart.png")
     assert (tmp_path / "chart.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
