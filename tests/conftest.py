@@ -82,6 +82,39 @@ def tiny4_model_dir(tmp_path_factory) -> Path:
     return build_tiny_llama(tmp_path_factory.mktemp("tiny-llama-4"), seed=0, num_hidden_layers=4)
 
 
+def joined_federation_dir(config, dest: Path, clients: dict[str, int]) -> Path:
+    """A state dir initialised with ``config`` (FederationArguments) in which every client of ``clients`` joined."""
+    from fedllm.server.federation import Federation
+    from fedllm.server.store import Store
+
+    Federation.initialize(config, dest)
+    store = Store(dest)
+    federation = Federation(store)
+    for client, n in clients.items():
+        federation.join(client, n)
+    store.close()
+    return dest
+
+
+@pytest.fixture
+def federation_copy(tmp_path) -> Iterator:
+    """Opens a fresh copy of a prepared state dir as a Federation (``federation_copy(source)``); closes them all."""
+    from fedllm.server.federation import Federation
+    from fedllm.server.store import Store
+
+    stores: list = []
+
+    def _open(source: Path):
+        dest = tmp_path / source.name
+        shutil.copytree(source, dest)
+        stores.append(Store(dest))
+        return Federation(stores[-1])
+
+    yield _open
+    for store in stores:
+        store.close()
+
+
 def joined_copy(source: Path, dest: Path, clients: dict[str, int]) -> Path:
     """A copy of an initialised state dir in which every client of ``clients`` (id -> num_samples) joined."""
     from fedllm.server.federation import Federation

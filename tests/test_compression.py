@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import io
 import math
-import shutil
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -31,6 +30,8 @@ from fedllm.server import errors
 from fedllm.server.federation import Federation
 from fedllm.server.store import Store
 from fedllm.wire import WireError, decode_file, encode
+
+from .conftest import joined_federation_dir
 
 QUANTIZERS = ("int8", "nf4", "fp4")
 CODECS = (*QUANTIZERS, "topk")
@@ -198,28 +199,13 @@ def prepared(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> 
         config = FederationArguments(model_name_or_path=str(tiny_model_dir), num_clients=2, sample_clients=2,
                                      num_rounds=2, peft_lora_r=4, round_timeout=0, save_model_freq=0,
                                      update_compression=name, compression_block_size=64, topk_fraction=0.05)
-        Federation.initialize(config, root / f"{name}-fresh")
-        store = Store(root / f"{name}-fresh")
-        federation = Federation(store)
-        for client, n in CLIENTS.items():
-            federation.join(client, n)
-        store.close()
+        joined_federation_dir(config, root / name, CLIENTS)
     return root
 
 
 @pytest.fixture
-def open_federation(prepared: Path, tmp_path: Path):
-    stores: list[Store] = []
-
-    def _open(name: str) -> Federation:
-        state_dir = tmp_path / name
-        shutil.copytree(prepared / f"{name}-fresh", state_dir)
-        stores.append(Store(state_dir))
-        return Federation(stores[-1])
-
-    yield _open
-    for store in stores:
-        store.close()
+def open_federation(prepared: Path, federation_copy):
+    return lambda name: federation_copy(prepared / name)
 
 
 def deltas(fed: Federation, seed: int) -> dict[str, torch.Tensor]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -31,8 +30,9 @@ from fedllm.algorithms.fedkseed import (
 from fedllm.config import FederationArguments
 from fedllm.server import errors
 from fedllm.server.federation import Federation
-from fedllm.server.store import Store
 from fedllm.wire import decode_file
+
+from .conftest import joined_federation_dir
 
 
 def params(seed: int = 0) -> list[tuple[str, torch.Tensor]]:
@@ -111,27 +111,13 @@ def make_config(model_dir: Path, **overrides: Any) -> FederationArguments:
 def prepared(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("fedkseed")
     for name, pro in (("plain", False), ("pro", True)):
-        Federation.initialize(make_config(tiny_model_dir, kseed_pro=pro), root / name)
-        store = Store(root / name)
-        federation = Federation(store)
-        for client, n in CLIENTS.items():
-            federation.join(client, n)
-        store.close()
+        joined_federation_dir(make_config(tiny_model_dir, kseed_pro=pro), root / name, CLIENTS)
     return root
 
 
 @pytest.fixture
-def open_federation(prepared: Path, tmp_path: Path):
-    stores: list[Store] = []
-
-    def _open(name: str = "plain") -> Federation:
-        shutil.copytree(prepared / name, tmp_path / name)
-        stores.append(Store(tmp_path / name))
-        return Federation(stores[-1])
-
-    yield _open
-    for store in stores:
-        store.close()
+def open_federation(prepared: Path, federation_copy):
+    return lambda name="plain": federation_copy(prepared / name)
 
 
 def push(fed: Federation, client: str, body: bytes) -> dict[str, Any]:
