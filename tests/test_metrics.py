@@ -234,7 +234,7 @@ def test_client_json_log_lines_and_final_summary(tiny_model_dir, tmp_path, start
 
     server = start_server(live_server_args(tiny_model_dir, tmp_path / "state", num_clients=1, sample_clients=1,
                                            num_rounds=2, workers=1))
-    monkeypatch.setattr(runner, "LocalTrainer", FakeTrainer)
+    monkeypatch.setattr(runner, "trainer_class", lambda server_config: FakeTrainer)  # what run_client builds
     code = client_http.main(["--server_url", server.url, "--client_id", "alice", "--output_dir", str(tmp_path / "out"),
                              "--poll_interval", "0.1", "--max_poll_interval", "0.5", "--log_format", "json"])
     out, err = capsys.readouterr()
