@@ -85,15 +85,9 @@ def tiny4_model_dir(tmp_path_factory) -> Path:
 def joined_federation_dir(config, dest: Path, clients: dict[str, int]) -> Path:
     """A state dir initialised with ``config`` (FederationArguments) in which every client of ``clients`` joined."""
     from fedllm.server.federation import Federation
-    from fedllm.server.store import Store
 
     Federation.initialize(config, dest)
-    store = Store(dest)
-    federation = Federation(store)
-    for client, n in clients.items():
-        federation.join(client, n)
-    store.close()
-    return dest
+    return _join_all(dest, clients)
 
 
 @pytest.fixture
@@ -117,10 +111,15 @@ def federation_copy(tmp_path) -> Iterator:
 
 def joined_copy(source: Path, dest: Path, clients: dict[str, int]) -> Path:
     """A copy of an initialised state dir in which every client of ``clients`` (id -> num_samples) joined."""
+    shutil.copytree(source, dest)
+    return _join_all(dest, clients)
+
+
+def _join_all(dest: Path, clients: dict[str, int]) -> Path:
+    """Join every client of ``clients`` (id -> num_samples) to the federation in the state dir ``dest``."""
     from fedllm.server.federation import Federation
     from fedllm.server.store import Store
 
-    shutil.copytree(source, dest)
     store = Store(dest)
     federation = Federation(store)
     for client, n in clients.items():
