@@ -64,6 +64,16 @@ class DPFedAvg(FedAlgorithm):
         self.hparams = inner.hparams
         self._generator = generator or _secure_generator
 
+    def add_noise(self, mean: dict[str, torch.Tensor], clip: float, denominator: float,
+                  generator: torch.Generator | None = None) -> None:
+        """Add N(0, (σ_Δ·C / denominator)²) to every coordinate of ``mean``, in place: the mechanism's one noise step
+        (also the secure path's, on the unmasked mean). ``generator``: the round's, else a fresh one."""
+        std = self.mean_noise_multiplier() * clip / denominator
+        if std > 0:
+            generator = generator or self._generator()
+            for tensor in mean.values():
+                tensor.add_(torch.randn(tensor.shape, generator=generator, dtype=torch.float32), alpha=std)
+
     # ------------------------------------------------------------------ parameters of the mechanism
     def clip_norm(self, state: Mapping[str, torch.Tensor]) -> float:
         return float(state[STATE_CLIP_NORM]) if self.config.adaptive_clipping else self.config.fixed_clip_norm()
@@ -102,11 +112,8 @@ class DPFedAvg(FedAlgorithm):
                     tensor.mul_(scale)
         else:  # an empty Poisson round: the noise alone
             mean = {k: torch.zeros_like(v, dtype=torch.float32) for k, v in global_params.items()}
-        generator = self._generator()
-        std = self.mean_noise_multiplier() * clip / denominator
-        if std > 0:
-            for tensor in mean.values():
-                tensor.add_(torch.randn(tensor.shape, generator=generator, dtype=torch.float32), alpha=std)
+        generator = self._generator()  # the round's one stream: the mean's noise, then the clipped count's
+        self.add_noise(mean, clip, denominator, generator)
         new_global, new_state = self.inner.server_step(global_params, mean, inner_state)
         new_state = dict(new_state)
         if self.config.adaptive_clipping:

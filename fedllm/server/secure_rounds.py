@@ -372,10 +372,5 @@ def aggregate_secure_mean(algorithm: Any, config: FederationArguments, global_pa
     N(0, (σ·C/m)²) is added to the mean first (the clients clipped to C; m = the unmasked participants)."""
     if not config.dp_enabled:
         return run_aggregation(algorithm, global_params, [InMemoryUpdate("secure-sum", 1, mean)], state)
-    clip = algorithm.clip_norm(state)
-    std = algorithm.mean_noise_multiplier() * clip / algorithm.denominator(participants)
-    if std > 0:
-        generator = algorithm._generator()
-        for tensor in mean.values():
-            tensor.add_(torch.randn(tensor.shape, generator=generator, dtype=torch.float32), alpha=std)
+    algorithm.add_noise(mean, algorithm.clip_norm(state), algorithm.denominator(participants))
     return run_aggregation(algorithm.inner, global_params, [InMemoryUpdate("secure-sum", 1, mean)], state)
