@@ -1,7 +1,7 @@
 """A tiny Llama with its own byte-level BPE tokenizer, built offline: random in seconds, or pretrained.
 
-Tests and the demo use the random one (:func:`build_tiny_llama`) so that nothing is downloaded from a
-model hub; the build is deterministic for a given seed: the same seed gives byte-identical weights and
+Tests and the demo use the random one (:func:`build_tiny_llama`; :func:`build_tiny_gpt2` for a GPT-2 with the
+same tokenizer) so that nothing is downloaded from a model hub; the build is deterministic for a given seed: the same seed gives byte-identical weights and
 vocabulary.
 
 :func:`pretrain_tiny_llama` (``python -m fedllm.tiny --pretrain --output_dir DIR [--seed S]``) trains a
@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>"]
 
@@ -111,7 +111,36 @@ def build_tiny_llama(output_dir: str | Path, seed: int = 0, vocab_size: int = 10
         initializer_range=0.2,
     )
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(config)
+    return _save_tiny(LlamaForCausalLM(config), tokenizer, output_dir)
+
+
+def build_tiny_gpt2(output_dir: str | Path, seed: int = 0, vocab_size: int = 1024, num_hidden_layers: int = 4) -> Path:
+    """Write the tokenizer of :func:`build_tiny_llama` and a randomly initialised GPT-2 (learned positions, LM head
+    tied to the token embedding, as GPT-2's) to ``output_dir``."""
+    output_dir = Path(output_dir)
+    tokenizer = build_tokenizer(vocab_size)
+    config = GPT2Config(
+        vocab_size=len(tokenizer),
+        n_embd=64,
+        n_inner=128,
+        n_layer=num_hidden_layers,
+        n_head=4,
+        n_positions=512,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        # No dropout (GPT-2 has 0.1), as the tiny Llama has none: a training step is then a function of the
+        # weights and the batch, and split training can be checked against single-process training exactly.
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        resid_pdrop=0.0,
+        initializer_range=0.2,  # as the tiny Llama's: peaked outputs that a small LoRA moves
+    )
+    torch.manual_seed(seed)
+    return _save_tiny(GPT2LMHeadModel(config), tokenizer, output_dir)
+
+
+def _save_tiny(model: torch.nn.Module, tokenizer: PreTrainedTokenizerFast, output_dir: Path) -> Path:
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(output_dir)
     tokenizer.save_pretrained(output_dir)

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from peft import get_peft_model
-from transformers import AutoModelForCausalLM, GPT2Config
+from peft import LoraConfig, get_peft_model
+from transformers import AutoModelForCausalLM, BertConfig
 
 from fedllm.adapter import adapter_spec, build_lora_config, initial_adapter, load_model_config, set_adapter_tensors
 from fedllm.split.model import (
@@ -54,16 +54,18 @@ def _start_adapter(spec: dict, seed: int) -> dict[str, torch.Tensor]:
     return tensors
 
 
-@pytest.mark.integration  # trains (by hand, a few steps of a tiny model)
-@pytest.mark.parametrize("head_layers,tail_layers", [(2, 1)])
-def test_split_training_equals_single_process_lora_training(tiny4: Path, head_layers: int, tail_layers: int) -> None:
-    model_config = load_model_config(str(tiny4))
-    lora = build_lora_config(model_config, r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj", "o_proj"])
+def check_split_training_equals_single_process(model_dir: Path, target_modules: list[str], head_layers: int,
+                                               tail_layers: int) -> tuple[dict[str, torch.Tensor], LoraConfig]:
+    """S split steps (noise off) against S single-process LoRA steps on the same batches: the same per-step losses
+    (1e-5) and, the three parts' LoRA put together, the same final logits (1e-4). Returns that adapter and its
+    config."""
+    model_config = load_model_config(str(model_dir))
+    lora = build_lora_config(model_config, r=4, alpha=8, dropout=0.0, target_modules=target_modules)
     spec = adapter_spec(model_config, lora)
     start = _start_adapter(spec, seed=3)
     batches = _batches(seed=7, n=STEPS, vocab_size=model_config.vocab_size)
 
-    full = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny4), lora)
+    full = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir), lora)
     set_adapter_tensors(full, start)
     optimizer = new_optimizer(full, LEARNING_RATE)
     plain_losses = []
@@ -75,8 +77,8 @@ def test_split_training_equals_single_process_lora_training(tiny4: Path, head_la
         plain_losses.append(float(loss.detach()))
 
     plan = SplitPlan.of(model_config, head_layers, tail_layers)
-    client_model = build_part_model(tiny4, model_config, plan, CLIENT_PARTS, lora)
-    server_model = build_part_model(tiny4, model_config, plan, SERVER_PARTS, lora)
+    client_model = build_part_model(model_dir, model_config, plan, CLIENT_PARTS, lora)
+    server_model = build_part_model(model_dir, model_config, plan, SERVER_PARTS, lora)
     set_part_adapter_tensors(client_model, plan, CLIENT_PARTS, {k: v for k, v in start.items()
                                                                if plan.part_of(k) in CLIENT_PARTS})
     set_part_adapter_tensors(server_model, plan, SERVER_PARTS, {k: v for k, v in start.items()
@@ -86,27 +88,44 @@ def test_split_training_equals_single_process_lora_training(tiny4: Path, head_la
     split_losses = [split_step(ends, middle, batch) for batch in batches]
 
     assert split_losses == pytest.approx(plain_losses, abs=1e-5)
-    assert plain_losses[-1] < plain_losses[0]  # it trained
+    with torch.no_grad():  # it trained: the first batch's loss fell (the later batches are other random tokens)
+        first = batches[0]
+        assert full(input_ids=first.input_ids, attention_mask=first.attention_mask,
+                    labels=first.labels).loss < plain_losses[0]
     # The final model, the three parts' adapters put together, gives the single-process model's logits.
-    merged = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny4), lora)
-    set_adapter_tensors(merged, {**ends.adapter(), **middle.adapter()})
+    adapter = {**ends.adapter(), **middle.adapter()}
+    merged = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir), lora)
+    set_adapter_tensors(merged, adapter)
     probe = _batches(seed=11, n=1, vocab_size=model_config.vocab_size)[0]
     with torch.no_grad():
         expected = full(input_ids=probe.input_ids, attention_mask=probe.attention_mask).logits
         got = merged(input_ids=probe.input_ids, attention_mask=probe.attention_mask).logits
     real = probe.attention_mask.bool()
     assert (got[real] - expected[real]).abs().max() < 1e-4
+    return adapter, lora
 
 
-def test_each_side_holds_only_its_parts_weights(tiny4: Path) -> None:
-    model_config = load_model_config(str(tiny4))
+@pytest.mark.integration  # trains (by hand, a few steps of a tiny model)
+@pytest.mark.parametrize("head_layers,tail_layers", [(2, 1)])
+def test_split_training_equals_single_process_lora_training(tiny4: Path, head_layers: int, tail_layers: int) -> None:
+    check_split_training_equals_single_process(tiny4, ["q_proj", "v_proj", "o_proj"], head_layers, tail_layers)
+
+
+def check_each_side_holds_only_its_parts_weights(model_dir: Path) -> SplitPlan:
+    """Client and server models of a 1 + 1 split: real (and, LoRA, trainable) exactly where their parts are."""
+    model_config = load_model_config(str(model_dir))
     lora = build_lora_config(model_config, r=4, alpha=8, dropout=0.0, target_modules=None)
     plan = SplitPlan.of(model_config, 1, 1)
     for parts in (CLIENT_PARTS, SERVER_PARTS):
-        model = build_part_model(tiny4, model_config, plan, parts, lora)
+        model = build_part_model(model_dir, model_config, plan, parts, lora)
         for name, param in model.named_parameters():
             assert param.is_meta == (plan.part_of(name) not in parts), name
             assert param.requires_grad == (".lora_" in name and plan.part_of(name) in parts), name
+    return plan
+
+
+def test_each_side_holds_only_its_parts_weights(tiny4: Path) -> None:
+    plan = check_each_side_holds_only_its_parts_weights(tiny4)
     assert plan.part_of("base_model.model.model.embed_tokens.weight") == HEAD
     assert plan.part_of("base_model.model.lm_head.weight") == TAIL
     assert plan.part_of("base_model.model.model.norm.weight") == TAIL
@@ -123,9 +142,9 @@ def test_a_split_that_leaves_the_server_no_block_is_refused(tiny4: Path) -> None
 
 
 def test_an_architecture_that_cannot_be_split_is_named_with_the_supported_ones() -> None:
-    with pytest.raises(SplitConfigError, match=r"supports the decoder architectures llama, mistral, qwen2; model "
-                                               r"type 'gpt2'"):
-        SplitPlan.of(GPT2Config(n_layer=6), 2, 2)
+    with pytest.raises(SplitConfigError, match=r"supports the decoder architectures llama, mistral, qwen2, gpt2; "
+                                               r"model type 'bert' is not one of them \(use --fed_mode lora\)"):
+        SplitPlan.of(BertConfig(num_hidden_layers=6), 2, 2)
 
 
 def test_the_simulation_says_split_mode_runs_over_http(tmp_path: Path) -> None:

@@ -2,9 +2,9 @@
 
 With N transformer blocks, ``--split_head_layers p`` and ``--split_tail_layers q``:
 
-* head   = token embedding + blocks[0:p]                  (client)
-* middle = blocks[p:N-q]                                  (server)
-* tail   = blocks[N-q:N] + final norm + LM head            (client)
+* head   = token embedding (+ GPT-2's position embedding) + blocks[0:p]   (client)
+* middle = blocks[p:N-q]                                                  (server)
+* tail   = blocks[N-q:N] + final norm + LM head                           (client)
 
 Each process builds the *whole* model skeleton on the meta device (no memory), then gives real storage
 only to the parameters of the parts it holds, read one tensor at a time from the checkpoint's
@@ -16,6 +16,10 @@ Between the parts travel hidden states ``[B, T, H]`` plus what the server needs 
 masks: each row's ``starts``/``lengths`` (the span of real tokens) and ``position_ids``; never token ids.
 Both sides rebuild the 2-D padding mask from them and call the model's own mask functions
 (``transformers.masking_utils``), so the split forward is the model's forward, block for block.
+
+What differs between model families (where the stack, blocks, embeddings and final norm live; rotary or
+learned positions) is one :class:`Architecture` per family in :data:`ARCHITECTURES`; nothing else here
+depends on the family.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import json
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -31,16 +36,9 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, PretrainedConfig
 
-# Decoder-only models whose blocks run as ``layer(hidden, attention_mask=..., position_embeddings=...)`` under
-# ``model.model`` with ``embed_tokens``, ``rotary_emb``, ``norm`` and ``lm_head``: they split the same way.
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 HEAD, MIDDLE, TAIL = "head", "middle", "tail"
 CLIENT_PARTS = frozenset({HEAD, TAIL})
 SERVER_PARTS = frozenset({MIDDLE})
-
-_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
-_EMBED = re.compile(r"(?:^|\.)embed_tokens\.")
-_FINAL = re.compile(r"(?:^|\.)(?:model\.norm|lm_head)\.|^norm\.")
 
 
 class SplitConfigError(ValueError):
@@ -48,23 +46,98 @@ class SplitConfigError(ValueError):
 
 
 @dataclass(frozen=True)
+class Architecture:
+    """Where a family of ``*ForCausalLM`` models keeps its parts, and what its blocks are given.
+
+    head: h = dropout(E_tok[x] + E_pos[position_ids]) (E_pos and dropout where the family has them), then blocks;
+    each block: h = block(h, attention_mask=M, position_ids=..., [position_embeddings=rotary(h, position_ids)]);
+    tail: logits = lm_head(final_norm(h)). Every name is an attribute: ``decoder`` of the causal LM (its
+    ``base_model_prefix``, which a base-model checkpoint's tensor names lack), the others of the decoder.
+    """
+
+    decoder: str  # the decoder stack inside the *ForCausalLM
+    blocks: str  # its ModuleList of transformer blocks
+    token_embedding: str
+    final_norm: str
+    rotary: str | None = None  # rotary embedding module: its (cos, sin) go to every block
+    position_embedding: str | None = None  # learned absolute positions, added to the token embedding
+    embedding_dropout: str | None = None  # dropout on the summed embeddings
+
+    @cached_property
+    def block_name(self) -> re.Pattern:
+        """A block's tensors: ``...<blocks>.<index>.``."""
+        return re.compile(rf"(?:^|\.){self.blocks}\.(\d+)\.")
+
+    @cached_property
+    def embedding_name(self) -> re.Pattern:
+        """The embeddings' tensors (token, and learned positions where the family has them)."""
+        embeddings = "|".join(e for e in (self.token_embedding, self.position_embedding) if e)
+        return re.compile(rf"(?:^|\.)(?:{embeddings})\.")
+
+    @cached_property
+    def final_name(self) -> re.Pattern:
+        """The final norm (also as a base-model checkpoint names it, without the decoder prefix) and the LM head."""
+        return re.compile(rf"(?:^|\.)(?:{self.decoder}\.{self.final_norm}|lm_head)\.|^{self.final_norm}\.")
+
+    def stack(self, model: PeftModel | torch.nn.Module) -> torch.nn.Module:
+        """The decoder stack inside a (PEFT-wrapped) causal LM."""
+        base = model.get_base_model() if isinstance(model, PeftModel) else model
+        return getattr(base, self.decoder)
+
+    def embed(self, stack: torch.nn.Module, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        """The head's input to its first block, as the model's own forward computes it."""
+        hidden = getattr(stack, self.token_embedding)(input_ids)
+        if self.position_embedding:
+            hidden = hidden + getattr(stack, self.position_embedding)(position_ids)
+        if self.embedding_dropout:
+            hidden = getattr(stack, self.embedding_dropout)(hidden)
+        return hidden
+
+    def block_inputs(self, stack: torch.nn.Module, hidden: torch.Tensor, position_ids: torch.Tensor) -> dict:
+        """What every block gets besides the hidden states, the mask and the positions."""
+        if self.rotary is None:
+            return {}
+        return {"position_embeddings": getattr(stack, self.rotary)(hidden, position_ids=position_ids)}
+
+
+# Rotary decoders under ``model.model`` (``embed_tokens``, ``rotary_emb``, ``norm``); GPT-2 under
+# ``model.transformer`` (``wte`` + learned ``wpe`` + ``drop``, blocks ``h``, ``ln_f``).
+_ROTARY_DECODER = Architecture(decoder="model", blocks="layers", token_embedding="embed_tokens", final_norm="norm",
+                               rotary="rotary_emb")
+ARCHITECTURES: dict[str, Architecture] = {
+    "llama": _ROTARY_DECODER,
+    "mistral": _ROTARY_DECODER,
+    "qwen2": _ROTARY_DECODER,
+    "gpt2": Architecture(decoder="transformer", blocks="h", token_embedding="wte", final_norm="ln_f",
+                         position_embedding="wpe", embedding_dropout="drop"),
+}
+SUPPORTED_MODEL_TYPES = tuple(ARCHITECTURES)
+
+
+def architecture_of(model_config: PretrainedConfig) -> Architecture:
+    """The family of ``model_config``; :class:`SplitConfigError` listing the supported ones when it has none."""
+    model_type = getattr(model_config, "model_type", "?")
+    if model_type not in ARCHITECTURES:
+        raise SplitConfigError(
+            f"split learning supports the decoder architectures {', '.join(SUPPORTED_MODEL_TYPES)}; "
+            f"model type {model_type!r} is not one of them (use --fed_mode lora)")
+    return ARCHITECTURES[model_type]
+
+
+@dataclass(frozen=True)
 class SplitPlan:
     """Where the model is cut: ``num_layers`` blocks, the first ``head_layers`` and last ``tail_layers`` on the
-    client."""
+    client; ``architecture`` names the parts' tensors."""
 
     num_layers: int
     head_layers: int
     tail_layers: int
+    architecture: Architecture = ARCHITECTURES["llama"]
 
     @classmethod
     def of(cls, model_config: PretrainedConfig, head_layers: int, tail_layers: int) -> SplitPlan:
         """The plan for ``model_config``; :class:`SplitConfigError` naming the problem when it cannot be split."""
-        model_type = getattr(model_config, "model_type", "?")
-        if model_type not in SUPPORTED_MODEL_TYPES:
-            raise SplitConfigError(
-                f"split learning supports the decoder architectures {', '.join(SUPPORTED_MODEL_TYPES)}; "
-                f"model type {model_type!r} is not one of them (GPT-2 and others: use --fed_mode lora)")
-        plan = cls(int(model_config.num_hidden_layers), head_layers, tail_layers)
+        plan = cls(int(model_config.num_hidden_layers), head_layers, tail_layers, architecture_of(model_config))
         plan.check()
         return plan
 
@@ -85,13 +158,13 @@ class SplitPlan:
 
     def part_of(self, name: str) -> str:
         """The part a parameter, buffer or LoRA tensor of the full model belongs to, by its name."""
-        match = _LAYER.search(name)
+        match = self.architecture.block_name.search(name)
         if match:
             index = int(match.group(1))
             return next(part for part in (HEAD, MIDDLE, TAIL) if index in self.layers(part))
-        if _EMBED.search(name):
+        if self.architecture.embedding_name.search(name):
             return HEAD
-        if _FINAL.search(name):
+        if self.architecture.final_name.search(name):
             return TAIL
         raise SplitConfigError(f"cannot tell which part {name!r} belongs to")
 
@@ -138,17 +211,20 @@ def build_part_model(model_path: str | Path, model_config: PretrainedConfig, pla
     parts = set(parts)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(model_config, dtype=dtype)
-    weights = load_part_weights(model_path, plan, parts, dtype)
+    architecture = plan.architecture
+    weights = _as_model_names(load_part_weights(model_path, plan, parts, dtype), model, architecture)
     if TAIL in parts and "lm_head.weight" not in weights and getattr(model_config, "tie_word_embeddings", False):
-        weights["lm_head.weight"] = weights["model.embed_tokens.weight"]  # tied: the client holds both ends
+        # tied (GPT-2's default): the client holds both ends
+        weights["lm_head.weight"] = weights[f"{architecture.decoder}.{architecture.token_embedding}.weight"]
     missing = [n for n, _ in model.named_parameters() if plan.part_of(n) in parts and n not in weights]
     if missing:
         raise SplitConfigError(f"{model_path}: the checkpoint lacks {len(missing)} weights of the "
                                f"{'/'.join(sorted(parts))} part(s), e.g. {missing[:3]}")
     model.load_state_dict(weights, strict=False, assign=True)
-    inner = model.model
-    # Non-persistent buffers (the rotary frequencies) were made on meta: build them for real.
-    inner.rotary_emb = type(inner.rotary_emb)(config=model_config)
+    if architecture.rotary:
+        # Non-persistent buffers (the rotary frequencies) were made on meta: build them for real.
+        inner = architecture.stack(model)
+        setattr(inner, architecture.rotary, type(getattr(inner, architecture.rotary))(config=model_config))
     for param in model.parameters():
         param.requires_grad_(False)
     peft_model = get_peft_model(model, lora_config)
@@ -161,9 +237,23 @@ def build_part_model(model_path: str | Path, model_config: PretrainedConfig, pla
     return peft_model
 
 
+def _as_model_names(weights: dict[str, torch.Tensor], model: torch.nn.Module,
+                    architecture: Architecture) -> dict[str, torch.Tensor]:
+    """Checkpoint tensors under the causal LM's names: a base-model checkpoint (GPT-2's on the hub: ``h.0.…``,
+    ``wte.weight``) lacks the decoder's prefix."""
+    known = model.state_dict().keys()
+    prefixed = {name: f"{architecture.decoder}.{name}" for name in weights}
+    return {(prefixed[name] if name not in known and prefixed[name] in known else name): tensor
+            for name, tensor in weights.items()}
+
+
+def model_architecture(model: PeftModel) -> Architecture:
+    return architecture_of(model.get_base_model().config)
+
+
 def decoder(model: PeftModel) -> torch.nn.Module:
-    """The decoder stack (``model.model`` of a ``*ForCausalLM``) inside a PEFT model."""
-    return model.get_base_model().model
+    """The decoder stack (``model.model`` of a Llama, ``model.transformer`` of a GPT-2) inside a PEFT model."""
+    return model_architecture(model).stack(model)
 
 
 def padding_mask(starts: torch.Tensor, lengths: torch.Tensor, seq_len: int) -> torch.Tensor:
@@ -194,13 +284,15 @@ def _layer_masks(inner: torch.nn.Module, hidden: torch.Tensor, attention_mask: t
 
 def run_blocks(model: PeftModel, hidden: torch.Tensor, layers: range, attention_mask: torch.Tensor,
                position_ids: torch.Tensor) -> torch.Tensor:
-    """Blocks ``layers`` of the decoder on ``hidden``, with the masks and rotary embeddings of the full forward."""
-    inner = decoder(model)
+    """Blocks ``layers`` of the decoder on ``hidden``, with the masks (and rotary embeddings) of the full forward."""
+    architecture = model_architecture(model)
+    inner = architecture.stack(model)
     masks = _layer_masks(inner, hidden, attention_mask, position_ids)
-    position_embeddings = inner.rotary_emb(hidden, position_ids=position_ids)
+    block_inputs = architecture.block_inputs(inner, hidden, position_ids)
+    blocks = getattr(inner, architecture.blocks)
     for i in layers:
-        hidden = inner.layers[i](hidden, attention_mask=masks[i], position_embeddings=position_embeddings,
-                                 position_ids=position_ids, past_key_values=None, use_cache=False)
+        hidden = blocks[i](hidden, attention_mask=masks[i], position_ids=position_ids, past_key_values=None,
+                           use_cache=False, **block_inputs)
     return hidden
 
 
@@ -234,7 +326,7 @@ class MaskInfo:
 
 def head_forward(model: PeftModel, plan: SplitPlan, input_ids: torch.Tensor, mask: MaskInfo) -> torch.Tensor:
     """h_A = blocks[0:p](embed(input_ids))."""
-    hidden = decoder(model).embed_tokens(input_ids)
+    hidden = model_architecture(model).embed(decoder(model), input_ids, mask.position_ids)
     return run_blocks(model, hidden, plan.layers(HEAD), mask.attention_mask(), mask.position_ids)
 
 
@@ -246,8 +338,8 @@ def middle_forward(model: PeftModel, plan: SplitPlan, hidden: torch.Tensor, mask
 def tail_logits(model: PeftModel, plan: SplitPlan, hidden: torch.Tensor, mask: MaskInfo) -> torch.Tensor:
     """logits = lm_head(norm(blocks[N-q:N](h_B)))."""
     hidden = run_blocks(model, hidden, plan.layers(TAIL), mask.attention_mask(), mask.position_ids)
-    base = model.get_base_model()
-    return base.lm_head(decoder(model).norm(hidden))
+    final_norm = getattr(decoder(model), model_architecture(model).final_norm)
+    return model.get_base_model().lm_head(final_norm(hidden))
 
 
 def causal_lm_loss(model: PeftModel, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
