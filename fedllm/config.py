@@ -45,7 +45,7 @@ from .algorithms import BUILTIN_CONFIGS, AlgorithmConfig, algorithm_config_class
 from .compression.config import COMPRESSION_OPERATIONAL, CompressionArguments
 from .privacy.config import PrivacyArguments
 from .secagg.config import SecAggArguments
-from .split.config import SplitArguments
+from .split.config import SPLIT_OPERATIONAL, SplitArguments
 from .trackers import REPORT_TO_CHOICES
 
 FEDERATION_ARGUMENT_NAMES: tuple[str, ...]  # filled in below the class
@@ -290,7 +290,7 @@ def federation_changes(stored: Mapping[str, Any], new: FederationArguments) -> t
     identity = {f.name for f in dataclasses.fields(FederationIdentityArguments)}
     identity.update(f.name for f in dataclasses.fields(PrivacyArguments))
     identity.update(f.name for f in dataclasses.fields(SecAggArguments))
-    identity.update(f.name for f in dataclasses.fields(SplitArguments))
+    identity.update(f.name for f in dataclasses.fields(SplitArguments) if f.name not in SPLIT_OPERATIONAL)
     identity.update(f.name for f in dataclasses.fields(CompressionArguments) if f.name not in COMPRESSION_OPERATIONAL)
     for fed_alg in {old["fed_alg"], new.fed_alg}:
         identity.update(f.name for f in dataclasses.fields(algorithm_config_class(fed_alg)))

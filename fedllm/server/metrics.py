@@ -17,6 +17,8 @@ What is measured:
   retry) and ``fedllm_updates_rejected_total{reason,status}`` (reason: the API error, e.g. ``wrong_round``);
 * aggregation: ``fedllm_aggregation_duration_seconds`` (histogram, observed by the process that aggregated);
 * slow clients: ``fedllm_connections_cut_total{reason}`` (cut by the worker's deadlines, fedllm.server.worker);
+* split learning (``--fed_mode split``): ``fedllm_split_batch_size`` (histogram: the clients' steps run as one
+  forward of the middle, ``--split_batch_wait``);
 * background progress: ``fedllm_background_failures_total`` (failed ticks, each retried with backoff) and
   ``fedllm_degraded`` (1 while ``/healthz`` says ``degraded``);
 * read from the store at scrape time: ``fedllm_round``, ``fedllm_num_rounds``,
@@ -52,6 +54,7 @@ log = logging.getLogger("fedllm.server")
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 AGGREGATION_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
+SPLIT_BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 32, 64)
 PHASES = ("waiting", "training", "aggregating", "finished")
 UPDATE_ENDPOINT = "post_update"
 
@@ -100,6 +103,8 @@ class Instruments:
                                      buckets=AGGREGATION_BUCKETS)
         self.connections_cut = Counter("fedllm_connections_cut", "Connections cut before their request arrived "
                                        "(header_timeout, body_too_slow).", ["reason"])
+        self.split_batch_size = Histogram("fedllm_split_batch_size", "Clients' steps run as one forward of the "
+                                          "split middle (--split_batch_wait).", buckets=SPLIT_BATCH_BUCKETS)
         self.background_failures = Counter("fedllm_background_failures",
                                            "Failed background ticks (deadlines, aggregation); each is retried.")
 

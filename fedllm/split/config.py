@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 FED_MODES = ("lora", "split")
+# How the server groups the clients' steps, not what a step computes: an operator may change it on a restart.
+SPLIT_OPERATIONAL = frozenset({"split_batch_wait"})
 
 
 @dataclass
@@ -51,6 +53,14 @@ class SplitArguments:
         metadata={"help": "--fed_mode split: each client keeps its head and tail LoRA to itself (it uploads a "
                           "zero update to close the round) instead of their being aggregated with --fed_alg."},
     )
+    split_batch_wait: float = field(
+        default=0.0,
+        metadata={"help": "--fed_mode split, client-batch mode: seconds the server waits after a forward for the other "
+                          "sampled clients' forwards, to run them as one batch of its blocks, and after a batch's first "
+                          "backward for the others' (a member later than that is dropped from the step and redoes "
+                          "it). 0 = off: every client step is its own middle step (the default: on the CPU a batch "
+                          "saves no time, and it makes a slow client redo its steps). See docs/split_learning.md."},
+    )
 
     @property
     def split_enabled(self: Any) -> bool:
@@ -65,7 +75,7 @@ class SplitArguments:
         for name in ("split_head_layers", "split_tail_layers"):
             if getattr(self, name) < 1:
                 problems.append(f"--{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("split_activation_noise", "split_gradient_clip", "split_gradient_noise"):
+        for name in ("split_activation_noise", "split_gradient_clip", "split_gradient_noise", "split_batch_wait"):
             value = getattr(self, name)
             if not (value >= 0 and math.isfinite(value)):
                 problems.append(f"--{name} must be a finite number >= 0, got {value}")

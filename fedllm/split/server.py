@@ -1,4 +1,4 @@
-"""The server's side of split learning: the middle blocks, their LoRA and optimizer, one step per client message.
+"""The server's side of split learning: the middle blocks, their LoRA and optimizer, the clients' steps.
 
 One process holds the middle model (``--fed_mode split`` runs gunicorn with one worker; its threads serve the
 clients concurrently, one middle computation at a time under a lock). Each client's step is bound to
@@ -7,17 +7,30 @@ clients concurrently, one middle computation at a time under a lock). Each clien
 * ``forward(R, S)`` is taken when R is the open round, the client is sampled in it, and S is its next step (the
   one after its last completed step); a forward for a done step is a replay and refused, one beyond the next is
   out of order. A forward for the step already pending replaces it (the client lost the answer or restarted).
-* ``backward(R, S)`` needs that step's pending forward; it runs the backward, takes one AdamW step on the
-  middle's LoRA and completes the step. An identical retry of a completed backward gets the same answer again;
-  another body for it is refused.
+* ``backward(R, S)`` needs that step's pending forward; it back-propagates the client's g_B and answers its g_A
+  at once, which completes the client's step. An identical retry of a completed backward gets the same answer
+  again; another body for it is refused.
 * A forward whose backward does not come within :data:`PENDING_STEP_TIMEOUT` seconds is freed (its graph with it)
   and logged; the client's later backward is refused and it redoes the step.
 
-When another client's step changed the middle since a forward, its graph is stale (autograd would refuse the
-updated weights); the forward is then recomputed from the kept h_A under the current weights before the
-backward. The middle's LoRA, AdamW state and every client's progress are one safetensors file written
-atomically every ``--save_model_freq`` completed steps and whenever a client completes its round's last step; a
-restarted server continues from it (clients ask ``next_step`` and go on from there).
+**Batches** (FL-LLaMA's client-batch mode, ``--split_batch_wait W``). Forwards arriving within W seconds of the
+first (or until every client sampled in the round with steps left has sent one) are concatenated along the
+batch dimension (:func:`~fedllm.split.step.concat_rows`) and run as ONE forward of the middle; each client gets
+its own rows of h_B. Each member's backward, when it arrives, back-propagates its rows' g_B (zero elsewhere)
+through the shared graph, which gives its g_A at once and its LoRA gradient ∇θ L_i. The batch takes ONE AdamW
+step when every member has sent its backward, or W seconds after the first backward (or after another client's
+forward queued behind the batch) -- a member later than that contributes nothing, is logged
+(``split_batch_member_dropped``) and redoes its step -- with the gradient of **L = (1/m) Σ_i L_i over the m
+members that contributed** (each L_i is that client's own mean token loss); its graph is then freed. A client's
+g_A is ∂L_i/∂h_A (its own loss's), so its ends step as they would alone. While a batch awaits its backwards,
+new forwards wait for its step and form the next batch, so every batch is computed at the weights its step
+updates: exact. With W = 0 (the default) every forward is its own batch of one, computed at once, and steps
+interleave freely: a forward made before another client's step changed the middle is recomputed from the kept
+h_A under the current weights before its backward (autograd would refuse the updated weights).
+
+The middle's LoRA, AdamW state and every client's progress are one safetensors file written atomically every
+``--save_model_freq`` optimizer steps of the middle (one per batch; with W = 0 one per client step) and whenever
+a step completes a client's round; a restarted server continues from it (clients ask ``next_step`` and go on).
 """
 
 from __future__ import annotations
@@ -27,7 +40,7 @@ import json
 import logging
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -38,11 +51,21 @@ from ..adapter import adapter_spec, build_lora_config, initial_adapter, load_mod
 from ..algorithms import round_learning_rate
 from ..fsutil import atomic_write
 from ..server.errors import NoOpenRound
+from ..server.metrics import instruments
 from ..server.rounds import RoundEngine
+from ..server.store import RoundRow
 from .errors import InvalidActivations, MalformedActivations, StepOutOfOrder
 from .messages import MessageError, MessageShape, decode_forward, decode_tensor, encode_tensor
 from .model import MIDDLE, SERVER_PARTS, MaskInfo, SplitPlan, build_part_model
-from .step import SplitMiddle, load_optimizer_tensors, optimizer_tensors, set_learning_rate, set_part_adapter_tensors
+from .step import (
+    SplitMiddle,
+    add_gradients,
+    concat_rows,
+    load_optimizer_tensors,
+    optimizer_tensors,
+    set_learning_rate,
+    set_part_adapter_tensors,
+)
 
 log = logging.getLogger("fedllm.server")
 
@@ -70,16 +93,45 @@ def initial_parts(config: Any) -> tuple[dict[str, torch.Tensor], SplitPlan]:
     return initial_adapter(adapter_spec(model_config, lora), config.seed), plan
 
 
-@dataclass
-class PendingStep:
+WAITING, COMPUTED, CONTRIBUTED, DROPPED = "waiting", "computed", "contributed", "dropped"
+
+
+@dataclass(eq=False)
+class Member:
+    """One client's step in a batch: its h_A, then its rows of the batch and the forward's answer."""
+
+    client_id: str
     round: int
     step: int
     hidden_a: torch.Tensor
     mask: MaskInfo
-    leaf: torch.Tensor
-    output: torch.Tensor
-    version: int
-    created: float
+    state: str = WAITING
+    batch: Batch | None = None
+    rows: slice | None = None  # its rows of the batch, once computed
+    answer: bytes = b""
+
+
+@dataclass(eq=False)
+class Batch:
+    """Concurrent clients' forwards run as one, and what their backwards have contributed since."""
+
+    round: int
+    sampled: tuple[str, ...]
+    opened: float
+    members: list[Member] = field(default_factory=list)
+    hidden_a: torch.Tensor | None = None  # the concatenated h_A, kept for a recompute
+    mask: MaskInfo | None = None
+    leaf: torch.Tensor | None = None
+    output: torch.Tensor | None = None
+    version: int = 0
+    computed: float = 0.0
+    clock: float | None = None  # when the wait for the backwards started
+    gradient_sum: list[torch.Tensor | None] | None = None
+    contributors: int = 0
+    failure: Exception | None = None
+
+    def resolved(self) -> bool:
+        return all(m.state in (CONTRIBUTED, DROPPED) for m in self.members)
 
 
 @dataclass
@@ -93,12 +145,13 @@ class Answer:
 
 
 class MiddleService:
-    """The middle blocks of a split federation, trained by every client's steps in turn."""
+    """The middle blocks of a split federation, trained by every client's steps, alone or in batches."""
 
     def __init__(self, federation: Any):
         self.federation = federation
         config = federation.config
         self.config = config
+        self.batch_wait = float(config.split_batch_wait)
         self.folder = federation.store.root / "split"
         self.folder.mkdir(parents=True, exist_ok=True)
         model_config = load_model_config(config.model_name_or_path)
@@ -109,10 +162,12 @@ class MiddleService:
         model = build_part_model(config.model_name_or_path, model_config, self.plan, SERVER_PARTS, lora)
         self.middle = SplitMiddle(model, self.plan, config.learning_rate)
         self.progress: dict[str, tuple[int, int]] = {}  # client -> (round, last completed step)
-        self.completed_steps = 0
-        self.pending: dict[str, PendingStep] = {}
+        self.completed_steps = 0  # client steps
+        self.steps: dict[str, Member] = {}  # client -> its step between forward and backward
+        self.collecting: Batch | None = None  # forwards gathering for one middle forward
+        self.pending: list[Batch] = []  # computed batches awaiting their members' backwards
         self.answers: dict[str, Answer] = {}
-        self.lock = threading.Lock()
+        self.lock = threading.Condition()
         if (self.folder / CHECKPOINT).exists():
             self._restore()
         else:
@@ -129,61 +184,213 @@ class MiddleService:
                     "max_steps": self.config.max_steps}
 
     def forward(self, client_id: str, round_number: int, step: int, body: bytes) -> bytes:
-        """Step 2: h_B for the client's h_A; the graph is kept until its backward (or the timeout)."""
-        self._check_round(client_id, round_number)
+        """Step 2: h_B for the client's h_A, from its batch's one forward; the graph is kept until the batch's step
+        (or the timeout)."""
+        current = self._check_round(client_id, round_number)
         hidden_a, mask = self._decode(lambda: decode_forward(body, self.shape))
         with self.lock:
-            self._expire()
+            self._tend()
             done = self._done(client_id, round_number)
             if step <= done:
                 raise StepOutOfOrder(f"step {step} of round {round_number} is done (a replay); the next is {done + 1}")
             if step != done + 1 or step > self.config.max_steps:
                 raise StepOutOfOrder(f"step {step} is not the next one: send step {done + 1} of "
                                      f"{self.config.max_steps}")
-            self.pending.pop(client_id, None)
-            set_learning_rate(self.middle.optimizer, round_learning_rate(self.config, round_number))
-            leaf, output = self.middle.forward(hidden_a, mask)
-            self.pending[client_id] = PendingStep(round_number, step, hidden_a, mask, leaf, output,
-                                                  self.middle.version, time.monotonic())
-            return encode_tensor("hidden", output, self.config.wire_dtype)
+            self._drop(client_id)  # its earlier forward of this step, replaced
+            member = Member(client_id, round_number, step, hidden_a, mask)
+            self.steps[client_id] = member
+            arrived = time.monotonic()
+            while member.state == WAITING:
+                if member.batch is None:
+                    self._join(member, current.sampled, arrived)
+                batch = member.batch
+                if batch is not None and self._collected(batch):
+                    self._compute(batch)
+                else:
+                    self.lock.wait(self._sleep())
+                    self._tend()
+            if member.batch is not None and member.batch.failure is not None:
+                raise member.batch.failure
+            if member.state == DROPPED:
+                raise StepOutOfOrder(f"this forward of step {step} was replaced by a later one of the same step")
+            return member.answer
 
     def backward(self, client_id: str, round_number: int, step: int, body: bytes) -> bytes:
-        """Step 4: g_A for the client's g_B, after one AdamW step on the middle's LoRA."""
+        """Step 4: g_A for the client's g_B through its batch's graph; the batch's AdamW step once every member
+        has sent its backward (or the wait ran out)."""
         self._check_round(client_id, round_number)
         sha = hashlib.sha256(body).hexdigest()
         with self.lock:
-            self._expire()
-            pending = self.pending.get(client_id)
-            if pending is None or (pending.round, pending.step) != (round_number, step):
+            self._tend()
+            member = self.steps.get(client_id)
+            if member is None or member.state != COMPUTED or (member.round, member.step) != (round_number, step):
                 answer = self.answers.get(client_id)
                 if answer is not None and (answer.round, answer.step, answer.request_sha256) == (
                         round_number, step, sha):
                     return answer.body  # the same request again: its answer was lost on the way
                 raise StepOutOfOrder(f"no forward of step {step} of round {round_number} is pending (never sent, "
-                                     f"already answered, or freed after {PENDING_STEP_TIMEOUT:g} s); send its "
+                                     f"already answered, dropped from its batch after --split_batch_wait "
+                                     f"{self.batch_wait:g} s, or freed after {PENDING_STEP_TIMEOUT:g} s); send its "
                                      "forward first")
-            grad_b = self._decode(lambda: decode_tensor(body, "grad", self.shape, tuple(pending.output.shape)))
-            leaf, output = pending.leaf, pending.output
-            if pending.version != self.middle.version:  # another client's step changed the weights since
-                leaf, output = self.middle.forward(pending.hidden_a, pending.mask)
-            grad_a = self.middle.backward(leaf, output, grad_b)
-            del self.pending[client_id]
-            answer = encode_tensor("grad", grad_a, self.config.wire_dtype)
+            rows, length = member.hidden_a.shape[:2]
+            grad_b = self._decode(lambda: decode_tensor(body, "grad", self.shape, (rows, length, self.shape.hidden_size)))
+            batch = member.batch
+            if batch.version != self.middle.version:
+                # Only with --split_batch_wait 0: another client's step changed the weights since this batch of
+                # one was computed (with a wait, forwards wait for the pending batch's step).
+                batch.leaf, batch.output = self.middle.forward(batch.hidden_a, batch.mask)
+                batch.version = self.middle.version
+            full = torch.zeros_like(batch.output)
+            full[member.rows, :length] = grad_b.to(full.dtype)
+            grad_a, grads = self.middle.gradients(batch.leaf, batch.output, full)
+            batch.gradient_sum = add_gradients(batch.gradient_sum, grads)
+            batch.contributors += 1
+            member.state = CONTRIBUTED
+            del self.steps[client_id]
+            answer = encode_tensor("grad", grad_a[member.rows, :length], self.config.wire_dtype)
             self.answers[client_id] = Answer(round_number, step, sha, answer)
             self.progress[client_id] = (round_number, step)
             self.completed_steps += 1
-            every = self.config.save_model_freq
-            if step == self.config.max_steps or (every > 0 and self.completed_steps % every == 0):
-                self._checkpoint()
+            if batch.resolved():
+                self._close(batch)
+            else:
+                self._start_clock(batch, time.monotonic())
             return answer
 
+    # ------------------------------------------------------------------ batches (all under self.lock)
+    def _join(self, member: Member, sampled: list[str], arrived: float) -> None:
+        """Put ``member`` in the collecting batch, unless a batch awaits its backwards (with a wait: the member
+        joins the next, computed after that one's step) or the collecting batch is of another round."""
+        if self.batch_wait > 0 and self.pending:
+            for batch in self.pending:
+                self._start_clock(batch, arrived)  # a forward waits for it: its members have the wait
+            return
+        if self.collecting is None:
+            self.collecting = Batch(member.round, tuple(sampled), time.monotonic())
+        elif self.collecting.round != member.round:
+            return
+        member.batch = self.collecting
+        self.collecting.members.append(member)
+        self.lock.notify_all()
+
+    def _collected(self, batch: Batch) -> bool:
+        """Whether the collecting ``batch`` is complete: the wait ran out, or every client sampled in its round
+        with steps left has sent its forward."""
+        if time.monotonic() >= batch.opened + self.batch_wait:
+            return True
+        expected = {c for c in batch.sampled if self._done(c, batch.round) < self.config.max_steps}
+        return expected <= {m.client_id for m in batch.members}
+
+    def _compute(self, batch: Batch) -> None:
+        """The batch's one forward: each member's rows of h_B, as its answer."""
+        self.collecting = None
+        batch.hidden_a, batch.mask = concat_rows([(m.hidden_a, m.mask) for m in batch.members])
+        set_learning_rate(self.middle.optimizer, round_learning_rate(self.config, batch.round))
+        try:
+            batch.leaf, batch.output = self.middle.forward(batch.hidden_a, batch.mask)
+        except Exception as exc:  # every member's request fails with it; nothing was changed
+            batch.failure = exc
+            for member in batch.members:
+                member.state = DROPPED
+                self.steps.pop(member.client_id, None)
+            self.lock.notify_all()
+            raise
+        batch.version, batch.computed = self.middle.version, time.monotonic()
+        offset = 0
+        for member in batch.members:
+            rows, length = member.hidden_a.shape[:2]
+            member.rows = slice(offset, offset + rows)
+            offset += rows
+            member.answer = encode_tensor("hidden", batch.output[member.rows, :length], self.config.wire_dtype)
+            member.state = COMPUTED
+        self.pending.append(batch)
+        instruments().split_batch_size.observe(len(batch.members))
+        log.debug("split: one middle forward for %d clients' steps", len(batch.members),
+                  extra={"event": "split_batch", "round": batch.round, "clients": len(batch.members)})
+        self.lock.notify_all()
+
+    def _start_clock(self, batch: Batch, at: float) -> None:
+        """Start the wait for ``batch``'s backwards (once); a timer closes it when the wait runs out."""
+        if batch.clock is not None:
+            return
+        batch.clock = at
+        timer = threading.Timer(max(0.0, at + self.batch_wait - time.monotonic()), self._tend_now)
+        timer.daemon = True
+        timer.start()
+
+    def _tend_now(self) -> None:
+        with self.lock:
+            self._tend()
+
+    def _tend(self) -> None:
+        """Close the batches whose wait for backwards ran out, and free those older than the timeout."""
+        now = time.monotonic()
+        for batch in list(self.pending):
+            if now - batch.computed > PENDING_STEP_TIMEOUT:
+                self._close(batch, expired=True)
+            elif batch.clock is not None and now >= batch.clock + self.batch_wait:
+                self._close(batch)
+
+    def _sleep(self) -> float:
+        """How long a waiting forward may sleep before a wait it depends on may have run out."""
+        deadlines = [b.clock + self.batch_wait for b in self.pending if b.clock is not None]
+        if self.collecting is not None:
+            deadlines.append(self.collecting.opened + self.batch_wait)
+        return max(0.01, min(deadlines, default=time.monotonic() + 1.0) - time.monotonic())
+
+    def _drop(self, client_id: str) -> None:
+        """Withdraw ``client_id``'s open step (its forward was sent again): its rows contribute nothing."""
+        member = self.steps.pop(client_id, None)
+        if member is None:
+            return
+        previous, member.state = member.state, DROPPED
+        batch = member.batch
+        if batch is None:
+            return
+        if previous == WAITING:
+            batch.members.remove(member)
+            if not batch.members and batch is self.collecting:
+                self.collecting = None
+        elif batch.resolved():
+            self._close(batch)
+        self.lock.notify_all()
+
+    def _close(self, batch: Batch, expired: bool = False) -> None:
+        """The batch's AdamW step with its contributors' mean gradient (none: no step); its graph is freed."""
+        for member in batch.members:
+            if member.state != COMPUTED:
+                continue
+            member.state = DROPPED
+            if self.steps.get(member.client_id) is member:
+                del self.steps[member.client_id]
+            if expired:
+                log.warning("split: freed the graph of %s's step %d of round %d: no backward within %g s",
+                            member.client_id, member.step, member.round, PENDING_STEP_TIMEOUT,
+                            extra={"event": "split_step_expired", "client_id": member.client_id,
+                                   "round": member.round, "step": member.step})
+            else:
+                log.warning("split: %s's step %d of round %d left out of its batch's step: no backward within "
+                            "--split_batch_wait %g s", member.client_id, member.step, member.round, self.batch_wait,
+                            extra={"event": "split_batch_member_dropped", "client_id": member.client_id,
+                                   "round": member.round, "step": member.step})
+        if batch.contributors:
+            self.middle.step(batch.gradient_sum, batch.contributors)
+        self.pending.remove(batch)
+        batch.hidden_a = batch.leaf = batch.output = batch.gradient_sum = None
+        every = self.config.save_model_freq
+        round_end = any(m.state == CONTRIBUTED and m.step == self.config.max_steps for m in batch.members)
+        if batch.contributors and (round_end or (every > 0 and self.middle.version % every == 0)):
+            self._checkpoint()
+        self.lock.notify_all()
+
     # ------------------------------------------------------------------ helpers
-    def _check_round(self, client_id: str, round_number: int) -> None:
+    def _check_round(self, client_id: str, round_number: int) -> RoundRow:
         store = self.federation.store
         current = store.current_round(store.read())
         if current is None:
             raise NoOpenRound("the federation is waiting for clients to join")
         RoundEngine.check_can_submit(current, client_id, round_number)
+        return current
 
     def _done(self, client_id: str, round_number: int) -> int:
         done_round, done_step = self.progress.get(client_id, (0, 0))
@@ -195,16 +402,6 @@ class MiddleService:
             return decode()
         except MessageError as exc:
             raise (MalformedActivations if exc.malformed else InvalidActivations)(str(exc)) from None
-
-    def _expire(self) -> None:
-        now = time.monotonic()
-        for client_id, pending in list(self.pending.items()):
-            if now - pending.created > PENDING_STEP_TIMEOUT:
-                del self.pending[client_id]
-                log.warning("split: freed the graph of %s's step %d of round %d: no backward within %g s",
-                            client_id, pending.step, pending.round, PENDING_STEP_TIMEOUT,
-                            extra={"event": "split_step_expired", "client_id": client_id, "round": pending.round,
-                                   "step": pending.step})
 
     # ------------------------------------------------------------------ durability
     def _checkpoint(self) -> None:

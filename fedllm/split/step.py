@@ -16,7 +16,7 @@ No global gradient-norm clipping: it would need the norms of all three parts in 
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -158,7 +158,8 @@ class SplitEnds:
 
 
 class SplitMiddle:
-    """The server's blocks for one step of one caller: forward keeps the graph, backward consumes it."""
+    """The server's blocks: forward keeps the graph, a backward consumes it (one caller), or several callers' rows
+    of one batched graph each take their gradients (:meth:`gradients`) and one :meth:`step` combines them."""
 
     def __init__(self, model: PeftModel, plan: SplitPlan, learning_rate: float):
         self.model, self.plan = model, plan
@@ -171,16 +172,55 @@ class SplitMiddle:
         leaf = hidden_a.detach().to(next(iter(trainable(self.model))).dtype).requires_grad_(True)
         return leaf, middle_forward(self.model, self.plan, leaf, mask)
 
-    def backward(self, leaf: torch.Tensor, output: torch.Tensor, grad_b: torch.Tensor) -> torch.Tensor:
-        """Step 4: g_A, after one AdamW step on the middle's LoRA."""
-        output.backward(grad_b.to(output.dtype))
+    def gradients(self, leaf: torch.Tensor, output: torch.Tensor,
+                  grad_b: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
+        """(g_A, the LoRA gradients) of the vector-Jacobian product <h_B, g_B>; the graph is kept for other rows."""
+        params = trainable(self.model)
+        grads = torch.autograd.grad(output, [leaf, *params], grad_outputs=grad_b.to(output.dtype), retain_graph=True,
+                                    allow_unused=True)
+        return grads[0], list(grads[1:])
+
+    def step(self, gradient_sum: list[torch.Tensor | None], count: int) -> None:
+        """One AdamW step on θ_M with the mean of ``count`` callers' summed gradients: ∇θ (1/m) Σ_i L_i."""
+        for param, grad in zip(trainable(self.model), gradient_sum, strict=True):
+            param.grad = None if grad is None else grad / count
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.version += 1
-        return leaf.grad
+
+    def backward(self, leaf: torch.Tensor, output: torch.Tensor, grad_b: torch.Tensor) -> torch.Tensor:
+        """Step 4 for one caller: g_A, after one AdamW step on the middle's LoRA."""
+        grad_a, grads = self.gradients(leaf, output, grad_b)
+        self.step(grads, 1)
+        return grad_a
 
     def adapter(self) -> dict[str, torch.Tensor]:
         return part_adapter_tensors(self.model, self.plan, SERVER_PARTS)
+
+
+def add_gradients(total: list[torch.Tensor | None] | None,
+                  grads: list[torch.Tensor | None]) -> list[torch.Tensor | None]:
+    """The running sum of several callers' :meth:`SplitMiddle.gradients` (one adapter's worth of memory)."""
+    if total is None:
+        return list(grads)
+    return [a if b is None else b if a is None else a + b for a, b in zip(total, grads, strict=True)]
+
+
+def concat_rows(requests: Sequence[tuple[torch.Tensor, MaskInfo]]) -> tuple[torch.Tensor, MaskInfo]:
+    """Several callers' h_A [b_i, T_i, H] and mask info as one batch [Σ b_i, max T_i, H].
+
+    Each request's columns are padded on the right: zero hidden states outside every row's span (so masked as
+    keys, and later than every real query), positions repeating the row's last; a row's real outputs are then
+    those of its own request, and its padded columns' outputs are discarded.
+    """
+    width = max(hidden.shape[1] for hidden, _ in requests)
+    hiddens, positions = [], []
+    for hidden, mask in requests:
+        pad = width - hidden.shape[1]
+        hiddens.append(torch.nn.functional.pad(hidden.float(), (0, 0, 0, pad)))
+        positions.append(torch.cat([mask.position_ids, mask.position_ids[:, -1:].expand(-1, pad)], dim=1))
+    return torch.cat(hiddens), MaskInfo(torch.cat([mask.starts for _, mask in requests]),
+                                        torch.cat([mask.lengths for _, mask in requests]), torch.cat(positions))
 
 
 def split_step(ends: SplitEnds, middle: SplitMiddle, batch: Batch) -> float:
