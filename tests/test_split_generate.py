@@ -143,6 +143,7 @@ def test_each_decoding_step_sends_one_tokens_hidden_state_and_its_position(tiny4
 def test_the_middle_refuses_a_step_that_does_not_fit_its_session(tiny4_model_dir: Path) -> None:
     _, generator, middle = _parts(tiny4_model_dir, "float32")
     decoder = middle.middle
+    first_block = decoder.plan.layers(MIDDLE)[0]
     ids, mask = _prompts()
     prompt = MaskInfo(torch.tensor([0, 3, 6]), torch.tensor([9, 6, 3]), torch.zeros(3, 9, dtype=torch.long))
     decoder.forward("s", encode_forward(torch.randn(3, 9, HIDDEN), prompt, "float32"))
@@ -153,9 +154,9 @@ def test_the_middle_refuses_a_step_that_does_not_fit_its_session(tiny4_model_dir
     beyond = MaskInfo(step.starts, step.lengths + 1, step.position_ids)
     with pytest.raises(MessageError, match="within 10 tokens"):
         decoder.forward("s", encode_forward(torch.randn(3, 1, HIDDEN), beyond, "float32"))
-    assert decoder.sessions["s"].get_seq_length(1) == 9  # the refused steps changed nothing
+    assert decoder.sessions["s"].get_seq_length(first_block) == 9  # the refused steps changed nothing
     decoder.forward("s", encode_forward(torch.randn(3, 1, HIDDEN), step, "float32"))
-    assert decoder.sessions["s"].get_seq_length(1) == 10
+    assert decoder.sessions["s"].get_seq_length(first_block) == 10
     decoder.end("s")
     assert not decoder.sessions
     with pytest.raises(ValueError, match="left-padded"):
@@ -189,4 +190,5 @@ def test_export_generate_on_a_split_state_dir_runs_the_three_parts(tiny4_model_d
     source = load_adapter(state_dir=str(state), client_output_dir=str(tmp_path / "client"))
     evaluator = Evaluator.for_adapter(source, device="cpu")
     texts = templated_prompts(EvaluationArguments(prompts_file=str(prompts)), evaluator.tokenizer, "alpaca")
+    assert len(generations) == 2 and all(generations), generations
     assert generations == evaluator.generate(texts, batch_size=2, max_new_tokens=5, progress=False)
