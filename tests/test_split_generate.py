@@ -28,6 +28,7 @@ from fedllm.split.server import CHECKPOINT
 from fedllm.split.step import set_part_adapter_tensors
 
 from .test_split import _start_adapter
+from .test_split_gpt2 import GPT2_TARGETS, tiny_gpt2  # noqa: F401 (its 4-block GPT-2 fixture)
 
 HIDDEN = 64  # the tiny Llama's
 NEW_TOKENS = 6
@@ -49,10 +50,14 @@ class RecordingMiddle:
         self.middle.end(session)
 
 
-def _parts(model_dir: Path, wire_dtype: str) -> tuple[torch.nn.Module, SplitGenerator, RecordingMiddle]:
+LLAMA_TARGETS = ["q_proj", "v_proj", "o_proj"]
+
+
+def _parts(model_dir: Path, wire_dtype: str, targets: list[str] = LLAMA_TARGETS
+           ) -> tuple[torch.nn.Module, SplitGenerator, RecordingMiddle]:
     """The merged single model and the three-part generator of the same model and LoRA (p = q = 1 of 4 blocks)."""
     model_config = load_model_config(str(model_dir))
-    lora = build_lora_config(model_config, r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj", "o_proj"])
+    lora = build_lora_config(model_config, r=4, alpha=8, dropout=0.0, target_modules=targets)
     adapter = _start_adapter(adapter_spec(model_config, lora), seed=3)
     merged = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir), lora)
     set_adapter_tensors(merged, adapter)
@@ -78,8 +83,12 @@ def _prompts() -> tuple[torch.Tensor, torch.Tensor]:
     return ids.masked_fill(mask == 0, 0), mask
 
 
-def test_three_part_cached_generation_gives_the_merged_models_tokens_and_logits(tiny4_model_dir: Path) -> None:
-    merged, generator, middle = _parts(tiny4_model_dir, "float32")
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_three_part_cached_generation_gives_the_merged_models_tokens_and_logits(family: str, request) -> None:
+    if family == "llama":
+        merged, generator, middle = _parts(request.getfixturevalue("tiny4_model_dir"), "float32")
+    else:  # learned positions (the head adds them), the LM head tied to the embedding
+        merged, generator, middle = _parts(request.getfixturevalue("tiny_gpt2"), "float32", GPT2_TARGETS)
     ids, mask = _prompts()
     with torch.no_grad():
         expected = merged.generate(input_ids=ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, do_sample=False,
