@@ -188,3 +188,36 @@ def merge_adapter(source: AdapterSource, output_dir: str | Path, *, model_name_o
     merged.to(MERGE_DTYPES[dtype]).save_pretrained(str(output_dir))
     AutoTokenizer.from_pretrained(base_path).save_pretrained(str(output_dir))
     return output_dir
+
+
+def split_generator(source: AdapterSource, model_name_or_path: str | None = None) -> tuple[Any, Any]:
+    """``export.py generate`` on a split federation: (a :class:`~fedllm.split.generate.SplitGenerator`, the
+    tokenizer). The three parts run as three, each with its own KV cache, their hand-offs encoded in the
+    federation's ``--wire_dtype`` (in process, on the CPU); ``source`` holds all three parts' LoRA
+    (:func:`load_adapter`)."""
+    from transformers import AutoTokenizer
+
+    from .adapter import load_model_config
+    from .split.generate import MiddleDecoder, SplitGenerator
+    from .split.messages import MessageShape
+    from .split.model import CLIENT_PARTS, SERVER_PARTS, SplitPlan, build_part_model
+    from .split.step import set_part_adapter_tensors
+
+    base_path = model_name_or_path or source.base_model
+    if not base_path:
+        raise ValueError("the adapter does not name its base model; pass --model_name_or_path")
+    federation = source.federation
+    model_config = load_model_config(base_path)
+    plan = SplitPlan.of(model_config, federation["split_head_layers"], federation["split_tail_layers"])
+    models = {}
+    for parts in (CLIENT_PARTS, SERVER_PARTS):
+        models[parts] = build_part_model(base_path, model_config, plan, parts, source.lora_config)
+        set_part_adapter_tensors(models[parts], plan, parts,
+                                 {k: v for k, v in source.tensors.items() if plan.part_of(k) in parts})
+    positions = int(model_config.max_position_embeddings)  # a prompt and its continuation fit the model's positions
+    shape = MessageShape(int(model_config.hidden_size), positions, positions, federation.get("wire_dtype", "float32"))
+    generator = SplitGenerator(models[CLIENT_PARTS], plan, MiddleDecoder(models[SERVER_PARTS], plan, shape), shape)
+    tokenizer = AutoTokenizer.from_pretrained(base_path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return generator, tokenizer

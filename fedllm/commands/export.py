@@ -7,6 +7,8 @@
     fedllm export generate --adapter adapter-r5 --prompts_file prompts.txt --max_new_tokens 64
     fedllm export merge    --state_dir fl-state --client_output_dir fl-client-output --output_dir merged
                            # a split federation: the server's middle + that client's head and tail
+    fedllm export generate --state_dir fl-state --client_output_dir fl-client-output --prompt "Name a fruit."
+                           # a split federation: head, middle and tail run as three parts (docs/split_learning.md)
 
 The adapter comes from --adapter DIR (a PEFT directory) or --state_dir DIR [--round N] (default: the
 latest round); generate also runs the base model alone with just --model_name_or_path. Options:
@@ -57,13 +59,27 @@ def run(command: str, args: EvaluationArguments) -> None:
         print(f"{source.description} -> {path}")
         return
     from ..evaluation import Evaluator
+    from ..evaluation.evaluator import generate_texts
+    from ..export import split_generator
 
-    evaluator = Evaluator.for_adapter(source, args.model_name_or_path, args.device)
+    split = source is not None and source.federation.get("fed_mode") == "split"
+    if split:  # the three parts as three, a KV cache on each, hidden states between them
+        model, tokenizer = split_generator(source, args.model_name_or_path)
+        device = "cpu"
+    else:
+        evaluator = Evaluator.for_adapter(source, args.model_name_or_path, args.device)
+        model, tokenizer, device = evaluator.model, evaluator.tokenizer, evaluator.device
     template = args.template or (source.federation.get("template") if source else None) or "alpaca"
-    prompts = _prompts(args, evaluator.tokenizer, template)
-    outputs = evaluator.generate(prompts, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens)
+    prompts = _prompts(args, tokenizer, template)
+    outputs = generate_texts(model, tokenizer, device, prompts, batch_size=args.batch_size,
+                             max_new_tokens=args.max_new_tokens)
     for prompt, output in zip(prompts, outputs, strict=True):
         print(f"### prompt\n{prompt}\n### generation\n{output}\n")
+    if split:
+        prefill, *steps = model.last.exchanges
+        per_step = f"; each decoding step {steps[0].sent} B up, {steps[0].received} B down" if steps else ""
+        print(f"split generation (last batch): prefill {prefill.sent} B up, {prefill.received} B down{per_step} "
+              f"(--wire_dtype {model.shape.wire_dtype})", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:

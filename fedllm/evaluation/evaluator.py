@@ -133,19 +133,26 @@ class Evaluator:
     def generate(self, prompts: Sequence[str], *, batch_size: int = 8, max_new_tokens: int = 128,
                  progress: bool = True) -> list[str]:
         """Greedy continuations of ``prompts`` (already templated), batched with left padding."""
-        tokenizer = self.tokenizer
-        side, tokenizer.padding_side = tokenizer.padding_side, "left"
-        outputs: list[str] = []
-        try:
-            for i in tqdm(range(0, len(prompts), batch_size), desc="generate", disable=not progress):
-                batch = tokenizer(list(prompts[i : i + batch_size]), return_tensors="pt", padding=True).to(self.device)
-                generated = self.model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
-                                                pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-                new_tokens = generated[:, batch["input_ids"].shape[1]:]
-                outputs.extend(t.strip() for t in tokenizer.batch_decode(new_tokens, skip_special_tokens=True))
-        finally:
-            tokenizer.padding_side = side
-        return outputs
+        return generate_texts(self.model, self.tokenizer, self.device, prompts, batch_size=batch_size,
+                              max_new_tokens=max_new_tokens, progress=progress)
+
+
+def generate_texts(model: Any, tokenizer: Any, device: str, prompts: Sequence[str], *, batch_size: int = 8,
+                   max_new_tokens: int = 128, progress: bool = True) -> list[str]:
+    """Greedy continuations of ``prompts`` (already templated) by ``model.generate`` (a transformers model, or
+    a split model's :class:`~fedllm.split.generate.SplitGenerator`), batched with left padding."""
+    side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    outputs: list[str] = []
+    try:
+        for i in tqdm(range(0, len(prompts), batch_size), desc="generate", disable=not progress):
+            batch = tokenizer(list(prompts[i : i + batch_size]), return_tensors="pt", padding=True).to(device)
+            generated = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
+                                       pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+            new_tokens = generated[:, batch["input_ids"].shape[1]:]
+            outputs.extend(t.strip() for t in tokenizer.batch_decode(new_tokens, skip_special_tokens=True))
+    finally:
+        tokenizer.padding_side = side
+    return outputs
 
 
 def parse_metrics(text: str) -> list[str]:

@@ -84,20 +84,23 @@ def encode_forward(hidden: torch.Tensor, mask: MaskInfo, wire_dtype: str) -> byt
                        **{k: v.to("cpu", torch.int64).contiguous() for k, v in mask.tensors().items()}})
 
 
-def decode_forward(body: bytes, shape: MessageShape) -> tuple[torch.Tensor, MaskInfo]:
-    """h_A and its mask info from a forward request, every value checked."""
+def decode_forward(body: bytes, shape: MessageShape, cached: int = 0) -> tuple[torch.Tensor, MaskInfo]:
+    """h_A and its mask info from a forward request, every value checked. In generation the receiver's KV cache
+    holds ``cached`` earlier tokens, so each row's span lies within those and the message's T."""
     tensors = _parse(body, FORWARD_NAMES)
     hidden = tensors["hidden"]
     _check_hidden("hidden", hidden, shape, None)
     batch, seq_len = hidden.shape[:2]
+    key_length = cached + seq_len
     for name, expected in (("starts", (batch,)), ("lengths", (batch,)), ("position_ids", (batch, seq_len))):
         tensor = tensors[name]
         if tensor.dtype != torch.int64 or tuple(tensor.shape) != expected:
             raise MessageError(f"{name} must be int64 of shape {list(expected)}, got {tensor.dtype} "
                                f"{list(tensor.shape)}")
     starts, lengths, positions = tensors["starts"], tensors["lengths"], tensors["position_ids"]
-    if bool((lengths < 1).any()) or bool((starts < 0).any()) or bool((starts + lengths > seq_len).any()):
-        raise MessageError(f"each row's span [start, start + length) must be non-empty and within T = {seq_len}")
+    if bool((lengths < 1).any()) or bool((starts < 0).any()) or bool((starts + lengths > key_length).any()):
+        raise MessageError(f"each row's span [start, start + length) must be non-empty and within "
+                           f"{key_length} tokens")
     if bool((positions < 0).any()) or bool((positions >= shape.max_positions).any()):
         raise MessageError(f"position_ids must be in [0, {shape.max_positions})")
     return hidden, MaskInfo(starts, lengths, positions)

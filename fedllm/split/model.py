@@ -35,6 +35,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, PretrainedConfig
+from transformers.cache_utils import Cache
 
 HEAD, MIDDLE, TAIL = "head", "middle", "tail"
 CLIENT_PARTS = frozenset({HEAD, TAIL})
@@ -263,36 +264,51 @@ def padding_mask(starts: torch.Tensor, lengths: torch.Tensor, seq_len: int) -> t
 
 
 def _layer_masks(inner: torch.nn.Module, hidden: torch.Tensor, attention_mask: torch.Tensor,
-                 position_ids: torch.Tensor) -> list:
-    """Each block's attention mask, built as the model's own forward builds it (full or sliding window)."""
+                 position_ids: torch.Tensor, cache: Cache | None = None, layers: range | None = None) -> list:
+    """Each block's attention mask, built as the model's own forward builds it (full or sliding window).
+
+    With a KV ``cache`` (generation) each kind's mask is sized against the cache of the first block of that kind
+    in ``layers``: a part's cache fills only its own blocks, so the model's default (its first block) would not do.
+    """
     from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
     config = inner.config
-    kwargs = dict(config=config, inputs_embeds=hidden, attention_mask=attention_mask, past_key_values=None,
+    kwargs = dict(config=config, inputs_embeds=hidden, attention_mask=attention_mask, past_key_values=cache,
                   position_ids=position_ids)
     layer_types = getattr(config, "layer_types", None)
+
+    def first(kind: str) -> int | None:
+        """The block whose cache sizes ``kind``'s mask: the part's first of that kind (no cache: the default)."""
+        if cache is None:
+            return None
+        return next((i for i in layers if layer_types is None or layer_types[i] == kind), layers[0])
+
     if layer_types is None:  # Mistral: one kind for every block, sliding when the config has a window
         sliding = getattr(config, "sliding_window", None) is not None and config.model_type == "mistral"
-        mask = (create_sliding_window_causal_mask if sliding else create_causal_mask)(**kwargs)
+        mask = (create_sliding_window_causal_mask if sliding else create_causal_mask)(**kwargs,
+                                                                                       layer_idx=first("any"))
         return [mask] * config.num_hidden_layers
     masks = {"full_attention": None, "sliding_attention": None}
     for kind in set(layer_types):
         masks[kind] = (create_sliding_window_causal_mask if kind == "sliding_attention" else create_causal_mask)(
-            **kwargs)
+            **kwargs, layer_idx=first(kind))
     return [masks[kind] for kind in layer_types]
 
 
 def run_blocks(model: PeftModel, hidden: torch.Tensor, layers: range, attention_mask: torch.Tensor,
-               position_ids: torch.Tensor) -> torch.Tensor:
-    """Blocks ``layers`` of the decoder on ``hidden``, with the masks (and rotary embeddings) of the full forward."""
+               position_ids: torch.Tensor, cache: Cache | None = None) -> torch.Tensor:
+    """Blocks ``layers`` of the decoder on ``hidden``, with the masks (and rotary embeddings) of the full forward.
+
+    With ``cache`` (generation) the blocks attend to their cached keys and values and append ``hidden``'s; the 2-D
+    ``attention_mask`` then spans the cached tokens and the new ones."""
     architecture = model_architecture(model)
     inner = architecture.stack(model)
-    masks = _layer_masks(inner, hidden, attention_mask, position_ids)
+    masks = _layer_masks(inner, hidden, attention_mask, position_ids, cache, layers)
     block_inputs = architecture.block_inputs(inner, hidden, position_ids)
     blocks = getattr(inner, architecture.blocks)
     for i in layers:
-        hidden = blocks[i](hidden, attention_mask=masks[i], position_ids=position_ids, past_key_values=None,
-                           use_cache=False, **block_inputs)
+        hidden = blocks[i](hidden, attention_mask=masks[i], position_ids=position_ids, past_key_values=cache,
+                           use_cache=cache is not None, **block_inputs)
     return hidden
 
 
@@ -317,27 +333,45 @@ class MaskInfo:
         position_ids = torch.arange(seq_len).unsqueeze(0).expand(batch, seq_len).contiguous()
         return cls(starts.long(), lengths.long(), position_ids)
 
-    def attention_mask(self) -> torch.Tensor:
-        return padding_mask(self.starts, self.lengths, self.position_ids.shape[1])
+    def attention_mask(self, cached: int = 0) -> torch.Tensor:
+        """``[B, cached + T]``: in generation the spans count the ``cached`` tokens of the KV cache too."""
+        return padding_mask(self.starts, self.lengths, cached + self.position_ids.shape[1])
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {"starts": self.starts, "lengths": self.lengths, "position_ids": self.position_ids}
 
 
-def head_forward(model: PeftModel, plan: SplitPlan, input_ids: torch.Tensor, mask: MaskInfo) -> torch.Tensor:
-    """h_A = blocks[0:p](embed(input_ids))."""
+def cached_length(cache: Cache | None, layers: range) -> int:
+    """Tokens a part's KV cache holds (its first block's: every block of a part sees the same); 0 without one."""
+    return 0 if cache is None else cache.get_seq_length(layers[0])
+
+
+def head_forward(model: PeftModel, plan: SplitPlan, input_ids: torch.Tensor, mask: MaskInfo,
+                 cache: Cache | None = None) -> torch.Tensor:
+    """h_A = blocks[0:p](embed(input_ids)). In generation ``cache`` is the part's own KV cache: its blocks attend
+    to the cached tokens and append these (the same for the middle and the tail)."""
     hidden = model_architecture(model).embed(decoder(model), input_ids, mask.position_ids)
-    return run_blocks(model, hidden, plan.layers(HEAD), mask.attention_mask(), mask.position_ids)
+    layers = plan.layers(HEAD)
+    return run_blocks(model, hidden, layers, mask.attention_mask(cached_length(cache, layers)), mask.position_ids,
+                      cache)
 
 
-def middle_forward(model: PeftModel, plan: SplitPlan, hidden: torch.Tensor, mask: MaskInfo) -> torch.Tensor:
+def middle_forward(model: PeftModel, plan: SplitPlan, hidden: torch.Tensor, mask: MaskInfo,
+                   cache: Cache | None = None) -> torch.Tensor:
     """h_B = blocks[p:N-q](h_A)."""
-    return run_blocks(model, hidden, plan.layers(MIDDLE), mask.attention_mask(), mask.position_ids)
+    layers = plan.layers(MIDDLE)
+    return run_blocks(model, hidden, layers, mask.attention_mask(cached_length(cache, layers)), mask.position_ids,
+                      cache)
 
 
-def tail_logits(model: PeftModel, plan: SplitPlan, hidden: torch.Tensor, mask: MaskInfo) -> torch.Tensor:
-    """logits = lm_head(norm(blocks[N-q:N](h_B)))."""
-    hidden = run_blocks(model, hidden, plan.layers(TAIL), mask.attention_mask(), mask.position_ids)
+def tail_logits(model: PeftModel, plan: SplitPlan, hidden: torch.Tensor, mask: MaskInfo,
+                cache: Cache | None = None, last_only: bool = False) -> torch.Tensor:
+    """logits = lm_head(norm(blocks[N-q:N](h_B))); of the last position only with ``last_only`` (generation)."""
+    layers = plan.layers(TAIL)
+    hidden = run_blocks(model, hidden, layers, mask.attention_mask(cached_length(cache, layers)), mask.position_ids,
+                        cache)
+    if last_only:
+        hidden = hidden[:, -1:]
     final_norm = getattr(decoder(model), model_architecture(model).final_norm)
     return model.get_base_model().lm_head(final_norm(hidden))
 
