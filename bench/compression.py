@@ -8,6 +8,9 @@
    tokens). Bytes per client per round: the upload body (as the server counts it) and the served global file.
 2. Encode and decode throughput of each codec at the Llama-2-7B r=16 q,v adapter size (8.4M parameters) against
    the bf16 path (``fedllm.wire.encode`` to bfloat16 / read back to float32), on the same random delta.
+3. Bytes one client moves per round, up (its update body) and down (the served global: dense, or with a quantizer
+   the compressed global of ``GET /v1/global?encoding=compressed``), from the real encoders, at the tiny
+   Llama's adapter and at the 7B r=16 q,v shapes (random tensors: sizes do not depend on the values).
 
     nice -n 10 python -m bench.compression           # a few minutes on 2 shared CPU cores
     python -m bench.compression --quick              # small sizes, 2 rounds (seconds to a minute)
@@ -106,6 +109,48 @@ def throughput(quick: bool) -> tuple[Table, dict[str, Any]]:
     return table, {"seconds": best, "body_bytes": {k: len(v) for k, v in bodies.items()}, "fp32_bytes": fp32}
 
 
+# ---------------------------------------------------------------------------------------------- bytes per round
+def bytes_per_round(quick: bool) -> tuple[Table, dict[str, Any]]:
+    from fedllm.adapter import adapter_spec, build_lora_config, load_model_config
+    from fedllm.compression.codecs import get_codec
+    from fedllm.compression.updates import compress_with_feedback, encode_body, encode_global
+    from fedllm.config import FederationArguments
+    from fedllm.tiny import build_tiny_llama
+    from fedllm.wire import encode
+
+    work = Path(tempfile.mkdtemp(prefix="fedllm-bytes-"))
+    try:
+        model = build_tiny_llama(work / "tiny-llama", seed=0)
+        defaults = FederationArguments(model_name_or_path=str(model))
+        model_config = load_model_config(str(model))
+        tiny = adapter_spec(model_config, build_lora_config(
+            model_config, r=defaults.peft_lora_r, alpha=defaults.peft_lora_alpha, dropout=defaults.peft_lora_dropout,
+            target_modules=defaults.target_module_list(), base_model_name_or_path=str(model)))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    size = QV_QUICK if quick else QV_7B
+    shapes = {f"tiny Llama r{defaults.peft_lora_r}": tiny, size.label: size.spec()}
+    table = Table("Bytes per client per round: up = the update body, down = the served global (a quantizer's is the "
+                  "compressed global, ?encoding=compressed); block size 128", ["adapter", "encoding", "up bytes",
+                                                                              "down bytes", "up vs float32",
+                                                                              "down vs float32"])
+    data: dict[str, Any] = {}
+    for label, spec in shapes.items():
+        delta, adapter = random_adapter(spec, seed=0), random_adapter(spec, seed=1, scale=1e-2)
+        measured = {"float32": (len(encode(delta, "float32")), len(encode(adapter, "float32"))),
+                    "bf16": (len(encode(delta, "bfloat16")), len(encode(adapter, "bfloat16")))}
+        for name in ("int8", "nf4", "fp4"):
+            codec = get_codec(type("C", (), {"update_compression": name, "compression_block_size": 128,
+                                             "topk_fraction": 0.01}))
+            up = encode_body(codec, compress_with_feedback(codec, delta, {}, "float32")[0], {})
+            measured[name] = (len(up), len(encode_global(codec, adapter)))
+        up32, down32 = measured["float32"]
+        for name, (up, down) in measured.items():
+            table.rows.append([label, name, up, down, up / up32, down / down32])
+        data[label] = measured
+    return table, data
+
+
 # ---------------------------------------------------------------------------------------------- the federations
 def federations(out_dir: Path, quick: bool) -> tuple[Table, list[Target], dict[str, Any]] | None:
     import datasets
@@ -137,6 +182,8 @@ def federations(out_dir: Path, quick: bool) -> tuple[Table, list[Target], dict[s
         result = run_simulation(federation, client, sim)
         history = result.history["global"]
         served = max((folder / "state" / "globals").glob("v*[0-9].safetensors"))
+        if served.with_suffix(".compressed.safetensors").is_file():  # a quantizer: clients download this one
+            served = served.with_suffix(".compressed.safetensors")
         runs[label] = {"history": history, "adapter": result.adapters["global"], "seconds": time.time() - started,
                        "global_bytes": served.stat().st_size, "fedkseed": overrides.get("fed_alg") == "fedkseed"}
 
@@ -210,10 +257,11 @@ def fedkseed_loss(evaluator: Any, export: Path, held_out: Any) -> float:
 def run(out_dir: Path, quick: bool = False) -> bool:
     started = time.time()
     speed, speed_data = throughput(quick)
-    tables, targets, data = [speed], [], {"throughput": speed_data}
+    sizes, sizes_data = bytes_per_round(quick)
+    tables, targets, data = [speed, sizes], [], {"throughput": speed_data, "bytes_per_round": sizes_data}
     notes = ["EF = error feedback: each client adds its last residual to the next delta (fedllm/compression).",
-             "down = the served global file (the simulation downloads nothing; a client over HTTP downloads it once a "
-             "round it is sampled). FedKSeed's global is K = 4096 float32 scalars plus the pool seed and a probe.",
+             "down = the served global file, the compressed one for int8/nf4 (the simulation's clients train from it "
+             "decoded, as HTTP clients do; a client over HTTP downloads it once a round it is sampled). FedKSeed's global is K = 4096 float32 scalars plus the pool seed and a probe.",
              "FedKSeed tunes every parameter of the tiny Llama with two forward passes a step (no gradients) at "
              "learning rate 1e-3; the LoRA codecs train rank-8 LoRA with TRL at 2e-2, so its loss compares "
              "different methods at equal rounds and steps, not equal compute."]

@@ -49,6 +49,7 @@ from typing import Any
 from .client.kseed import trainer_class
 from .client.state import ClientState, FederationBinding, PendingUpdate
 from .client.trainer import LocalTrainer, RoundResult
+from .compression.updates import read_compressed_global
 from .config import ClientArguments, FederationArguments, SimulationArguments
 from .fsutil import atomic_write_bytes
 from .server.app import ERROR_STATUS
@@ -343,7 +344,10 @@ def run_federation(federation: Federation, clients: ClientPool, client_ids: Sequ
         if status["phase"] == "finished":
             return federation.history()
         round_number = status["round"]
-        global_tensors = decode_file(federation.latest_global().path)
+        codec = federation.versions.codec  # a quantizer: clients train from ĝ = D(C(g)), as they do over HTTP
+        served = federation.served_global("compressed" if codec else "dense")
+        global_tensors = read_compressed_global(served.path, codec, federation.spec) if codec else \
+            decode_file(served.path)
         round_config = federation.round_training_config(round_number)
         to_train = [c for c in status["sampled"] if c not in status["received"]]  # the others: accepted before a restart
         clients.play_round(federation, to_train, global_tensors, round_number, round_config["learning_rate"],

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import io
 import math
 from pathlib import Path
@@ -16,22 +17,38 @@ from hypothesis import strategies as st
 from safetensors.torch import save
 
 from fedllm.algorithms import InMemoryUpdate, get_algorithm, weighted_mean_delta
-from fedllm.compression.codecs import FP4_CODE, NF4_CODE, BlockwiseCodec, TopKCodec, get_codec, part_name
+from fedllm.client import runner
+from fedllm.client.http import FederationClient
+from fedllm.client.runner import GlobalAdapterError, load_global
+from fedllm.compression.codecs import (
+    FP4_CODE,
+    NF4_CODE,
+    BlockwiseCodec,
+    TopKCodec,
+    get_codec,
+    global_codec,
+    part_name,
+)
 from fedllm.compression.updates import (
     COMPRESSION_METADATA,
     CompressedFileUpdate,
     compress_with_feedback,
     encode_body,
+    encode_global,
     encode_parts,
+    read_compressed_global,
     validate_compressed_file,
 )
 from fedllm.config import FederationArguments, federation_changes
 from fedllm.server import errors
+from fedllm.server.app import create_app
 from fedllm.server.federation import Federation
 from fedllm.server.store import Store
-from fedllm.wire import WireError, decode_file, encode
+from fedllm.server.versions import compressed_paths, load_state
+from fedllm.wire import WireError, decode_file, encode, sha256_file
 
 from .conftest import joined_federation_dir
+from .test_client_trust import global_app, serving
 
 QUANTIZERS = ("int8", "nf4", "fp4")
 CODECS = (*QUANTIZERS, "topk")
@@ -371,3 +388,152 @@ def test_bytes_are_accounted_and_the_budget_warns_then_stops_rounds(fraction: fl
         assert any("communication budget" in str(e) for e in fed.events())
     finally:
         store.close()
+
+
+# ---------------------------------------------------------------------------------------------- the served global
+def within_codec_error(codec: BlockwiseCodec, decoded: torch.Tensor, exact: torch.Tensor) -> bool:
+    """|x̂ − x| ≤ ε · s_b for every value of every block of ``exact``."""
+    flat = exact.reshape(-1)
+    blocks = torch.nn.functional.pad(flat, (0, -flat.numel() % codec.block_size)).view(-1, codec.block_size)
+    bound = (blocks.abs().amax(1, keepdim=True) * codec.error_per_absmax).expand_as(blocks).reshape(-1)
+    return bool(((decoded.reshape(-1) - flat).abs() <= bound[:flat.numel()] * (1 + 1e-5) + 1e-30).all())
+
+
+@pytest.mark.parametrize("name", QUANTIZERS)
+def test_the_served_global_is_quantized_once_per_version_and_decodes_within_the_error(name: str,
+                                                                                        open_federation) -> None:
+    """Each version's compressed global is written with it (before any row points to it), has its own sha256, and
+    decodes to the exact float32 global within ε · s_b; the exact global keeps the aggregated decoded deltas."""
+    fed = open_federation(name)
+    codec = global_codec(fed.config)
+    for seed, client in enumerate(CLIENTS):
+        parts, _ = compress_with_feedback(codec, deltas(fed, seed), {}, fed.config.wire_dtype)
+        assert push(fed, client, encode_body(codec, parts, {}))["accepted"]
+    assert fed.aggregate_if_needed()
+    for version in (0, 1):
+        path, record = compressed_paths(fed.store, version)
+        assert path.is_file() and record.is_file()
+    served, dense = fed.served_global("compressed"), fed.served_global(None)
+    assert served.version == dense.version == 1 and served.sha256 == sha256_file(served.path) != dense.sha256
+    assert served.size == Path(served.path).stat().st_size < dense.size
+    exact, _ = load_state(fed.latest_global().state_path)
+    decoded = read_compressed_global(served.path, codec, fed.spec)
+    assert set(decoded) == set(exact)
+    assert all(within_codec_error(codec, decoded[k], exact[k]) for k in exact)
+    assert Path(served.path).read_bytes() == encode_global(codec, exact)  # deterministic: the same bytes, one ETag
+
+
+def test_an_old_version_gets_its_compressed_global_when_first_asked(open_federation) -> None:
+    """A state dir written before compressed globals were served: the first request writes it, from the state."""
+    fed = open_federation("int8")
+    for path in compressed_paths(fed.store, 0):
+        path.unlink()
+    first = fed.served_global("compressed")
+    assert first == fed.served_global("compressed") and Path(first.path).is_file()
+
+
+@pytest.mark.parametrize(("name", "encoding", "message"), [
+    ("topk", "compressed", "serves its global dense only"), ("int8", "zip", "must be one of")])
+def test_a_compressed_global_is_refused_where_none_is_served(name: str, encoding: str, message: str,
+                                                            open_federation) -> None:
+    fed = open_federation(name)
+    with pytest.raises(errors.InvalidEncoding, match=message):
+        fed.served_global(encoding)
+    assert fed.served_global("dense").sha256 == fed.latest_global().sha256
+
+
+def test_get_global_serves_either_encoding_with_its_etag_and_counts_the_bytes_sent(open_federation) -> None:
+    fed = open_federation("nf4")
+    http = create_app(fed, start_ticker=False).test_client()
+    headers = {"X-FedLLM-Client": "alice"}
+    compressed = http.get("/v1/global?encoding=compressed", headers=headers)
+    dense = http.get("/v1/global", headers={"X-FedLLM-Client": "bob"})
+    assert compressed.status_code == dense.status_code == 200
+    assert compressed.headers["ETag"] == f'"{fed.served_global("compressed").sha256}"' != dense.headers["ETag"]
+    assert len(compressed.data) < 0.5 * len(dense.data)
+    again = http.get("/v1/global?encoding=compressed", headers={**headers, "If-None-Match": compressed.headers["ETag"]})
+    assert again.status_code == 304
+    other = http.get("/v1/global", headers={**headers, "If-None-Match": compressed.headers["ETag"]})
+    assert other.status_code == 200 and other.data == dense.data  # one encoding's ETag never matches the other
+    refused = http.get("/v1/global?encoding=gzip", headers=headers)
+    assert refused.status_code == 400 and refused.get_json()["error"] == "invalid encoding"
+    traffic = fed.store.traffic(fed.store.read())
+    assert traffic["alice"]["sent"] == len(compressed.data) + len(dense.data) and \
+        traffic["bob"]["sent"] == len(dense.data)
+
+
+def test_download_error_does_not_accumulate_across_rounds() -> None:
+    """The server adds Δ_t (taken against ĝ_t = D(C(g_t))) to the exact g_t: after T rounds g_T = g_0 + Σ Δ_t
+    exactly, and what clients see is within ε · s_b of it. Deltas far below a code step still add up; a server that
+    kept ĝ instead rounds most of them away."""
+    codec = codec_for("int8", block_size=32)
+    g = torch.Generator().manual_seed(4)
+    exact = torch.randn(320, generator=g)
+    start = exact.clone()
+    step = 0.01 * float(exact.abs().max()) / 127  # a hundredth of a code step
+    kept_quantized = codec.decode(codec.encode(exact, "float32"), (320,))
+    for _ in range(100):
+        trained_from = codec.decode(codec.encode(exact, "float32"), (320,))
+        assert within_codec_error(codec, trained_from, exact)
+        delta = torch.full((320,), step)  # what the client moved from ĝ_t
+        exact = exact + delta
+        kept_quantized = codec.decode(codec.encode(kept_quantized + delta, "float32"), (320,))
+    truth = start + 100 * step
+    torch.testing.assert_close(exact, truth, rtol=0, atol=1e-4)  # float32 sums of 100 terms
+    assert within_codec_error(codec, codec.decode(codec.encode(exact, "float32"), (320,)), truth)
+    # Keeping ĝ: most of the movement is rounded away, and the error passes the one-round bound several times over.
+    assert float((kept_quantized - truth).mean()) < -0.5 * 100 * step
+    assert float((kept_quantized - truth).abs().max()) > 2 * codec.error_per_absmax * float(truth.abs().max())
+
+
+HOSTILE_GLOBALS = [
+    ("NaN scale", _set("absmax", 0, float("nan")), "NaN or infinite"),
+    ("infinite scale", _set("absmax", 0, float("inf")), "NaN or infinite"),
+    ("negative scale", _set("absmax", 1, -1.0), "negative"),
+    ("bad code -128", _set("q", 0, -128), "-128"),
+    ("one block too few", lambda p, f, m: p.__setitem__(part_name(f, "absmax"), p[part_name(f, "absmax")][1:]),
+     "has shape"),
+    ("codes as float32", lambda p, f, m: p.__setitem__(part_name(f, "q"), p[part_name(f, "q")].float()), "dtype"),
+    ("a part missing", lambda p, f, m: p.pop(part_name(f, "q")), "missing"),
+    ("an extra tensor", lambda p, f, m: p.__setitem__("evil::q", torch.zeros(4, dtype=torch.int8)), "unexpected"),
+    ("another codec's tag", lambda p, f, m: m.__setitem__(COMPRESSION_METADATA, "int8/128"), "compression is"),
+    ("no tag: a dense file", lambda p, f, m: m.pop(COMPRESSION_METADATA), "compression is"),
+]
+
+
+def hostile_global(fed: Federation, change) -> bytes:
+    codec = global_codec(fed.config)
+    exact, _ = load_state(fed.latest_global().state_path)
+    parts = encode_parts(codec, exact, "float32")
+    metadata = {COMPRESSION_METADATA: codec.tag()}
+    change(parts, sorted(fed.spec)[0], metadata)
+    return save(parts, metadata=metadata)
+
+
+@pytest.mark.parametrize("case", range(len(HOSTILE_GLOBALS)), ids=[c[0] for c in HOSTILE_GLOBALS])
+def test_the_client_refuses_a_malformed_compressed_global(case: int, open_federation, tmp_path: Path) -> None:
+    """The client checks a served compressed global with the server's validator of uploads (one implementation)."""
+    _, change, message = HOSTILE_GLOBALS[case]
+    fed = open_federation("int8")
+    path = tmp_path / "global.safetensors"
+    path.write_bytes(hostile_global(fed, change))
+    with pytest.raises(GlobalAdapterError, match=f"compressed \\(int8/64\\) global adapter is refused.*{message}"):
+        load_global(path, fed.client_config(), global_codec(fed.config))
+    path.write_bytes(b"not safetensors")
+    with pytest.raises(GlobalAdapterError, match="refused"):
+        load_global(path, fed.client_config(), global_codec(fed.config))
+    served = fed.served_global("compressed")
+    good = load_global(Path(served.path), fed.client_config(), global_codec(fed.config))
+    assert good.keys() == fed.spec.keys()
+
+
+def test_a_hostile_server_s_compressed_global_trains_nothing(open_federation, tmp_path: Path) -> None:
+    """Over HTTP: a server that serves NaN scales makes the round refuse before any training (the trainer and the
+    client state are never touched: they are None here)."""
+    fed = open_federation("int8")
+    body = hostile_global(fed, _set("absmax", 0, float("nan")))
+    with serving(global_app(lambda: body, hashlib.sha256(body).hexdigest())) as url:
+        client = FederationClient(url, "alice", max_retries=0, quiet=True)
+        with pytest.raises(GlobalAdapterError, match="NaN or infinite"):
+            runner._play_round(client, None, None, fed.client_config(), 1, tmp_path)
+    assert client.bytes_down == len(body)

@@ -1,4 +1,7 @@
-"""Compressed federations over gunicorn with real TRL clients: each codec, its accounting, the adapter loads."""
+"""Compressed federations over gunicorn with real TRL clients: each codec, its accounting, the adapter loads.
+
+With a quantizer the clients also download the global compressed (``?encoding=compressed``): each round's
+``bytes_sent`` is the quantized file, and the final adapter (downloaded dense) is the server's export exactly."""
 
 from __future__ import annotations
 
@@ -21,6 +24,9 @@ pytestmark = pytest.mark.integration
 
 
 CODECS = ("int8", "nf4", "fp4", "topk")
+# Tensor bytes of the compressed global per float32 byte at --compression_block_size 64: codes plus a float32 scale
+# per block (the safetensors header, two part names per tensor, comes on top).
+DATA_RATIO = {"int8": (1 + 4 / 64) / 4, "nf4": (0.5 + 4 / 64) / 4, "fp4": (0.5 + 4 / 64) / 4}
 
 
 def test_compressed_federations_finish_and_their_adapters_load(tiny_model_dir: Path, tmp_path: Path,
@@ -65,6 +71,22 @@ def check_federation(codec: str, url: str, folder: Path, base) -> None:
     assert {k.removeprefix(RESIDUAL_PREFIX) for k in state} == set(config["adapter"])
     metrics = requests.get(url + "/metrics", timeout=30).text
     assert 'fedllm_client_bytes_received{client="client0"}' in metrics and "fedllm_communication_budget_bytes" in metrics
+    # The download: the quantized global for the quantizers (once a round: a 304 is free), the dense one for topk.
+    dense = folder / "state" / "globals" / "v000002.safetensors"
+    served = dense.with_suffix(".compressed.safetensors") if codec in DATA_RATIO else dense
+    assert all(h["bytes_sent"] == served.stat().st_size for h in history), codec
+    if codec in DATA_RATIO:
+        assert tensor_bytes(served) <= DATA_RATIO[codec] * tensor_bytes(dense) * 1.01, codec
+    # The client's final adapter is the dense global: the server's export, bit for bit.
+    exported = load_file(folder / "state" / "adapters" / "final" / "adapter_model.safetensors")
+    final = load_file(folder / "client0" / "final_adapter" / "adapter_model.safetensors")
+    assert exported.keys() == final.keys() and all(torch.equal(exported[k], final[k]) for k in exported)
     model = PeftModel.from_pretrained(base, folder / "state" / "adapters" / "final")
     assert model(torch.tensor([[1, 5, 9]])).logits.isfinite().all()
     model.unload()
+
+
+def tensor_bytes(path: Path) -> int:
+    """A safetensors file's size less its header (8 bytes of length, then the JSON)."""
+    with open(path, "rb") as f:
+        return path.stat().st_size - 8 - int.from_bytes(f.read(8), "little")

@@ -191,8 +191,10 @@ class FederationClient:
         """The largest global adapter the server's ``/v1/config`` implies (its tensors are fixed for a federation)."""
         return download_limit(self.config())
 
-    def download_global(self, cache_dir: Path, max_bytes: int | None = None) -> tuple[Path, int, str]:
-        """The current global adapter as a local file ``(path, version, sha256)``.
+    def download_global(self, cache_dir: Path, max_bytes: int | None = None, *,
+                        compressed: bool = False) -> tuple[Path, int, str]:
+        """The current global adapter as a local file ``(path, version, sha256)``; with ``compressed`` the one the
+        federation's quantizer encoded (``?encoding=compressed``, its own sha256: a 304 names that file only).
 
         A cached copy is revalidated with If-None-Match. A body over ``max_bytes`` (default: the bound the
         server's ``/v1/config`` implies) is refused unread or cut off there, and nothing is written. A download
@@ -207,7 +209,8 @@ class FederationClient:
             cached = _cached_globals(cache_dir)
             newest = cached[-1] if cached else None
             headers = {"If-None-Match": f'"{newest.sha256}"'} if newest is not None and conditional else {}
-            with self._request("GET", "/v1/global", headers=headers) as response:
+            with self._request("GET", "/v1/global?encoding=compressed" if compressed else "/v1/global",
+                               headers=headers) as response:
                 etag = parse_etag(response.headers.get("ETag"))
                 version = parse_version(response.headers.get("X-FedLLM-Version"))
                 if response.status_code == 304:

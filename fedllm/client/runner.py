@@ -26,7 +26,9 @@ import torch
 from safetensors import SafetensorError
 
 from ..adapter import save_peft_adapter
-from ..config import ClientArguments
+from ..compression.codecs import Codec, global_codec
+from ..compression.updates import read_compressed_global
+from ..config import ClientArguments, FederationArguments
 from ..privacy.dp_sgd import LEDGER_FILE, DPSGDLedger
 from ..wire import WireError, decode_file, parse_header
 from .distributed import ProcessGroup, RoundOrder, join_process_group
@@ -115,13 +117,22 @@ def verify_global(tensors: dict[str, torch.Tensor], expected: dict[str, list[int
             raise GlobalAdapterError(f"global tensor {name} has NaN or infinite values; refusing to train on it")
 
 
-def load_global(path: Path, server_config: dict[str, Any]) -> dict[str, torch.Tensor]:
-    """The downloaded global adapter's tensors, once its structure, names, shapes and values are checked."""
+def load_global(path: Path, server_config: dict[str, Any], codec: Codec | None = None) -> dict[str, torch.Tensor]:
+    """The downloaded global adapter's tensors, once its structure, names, shapes and values are checked.
+
+    With ``codec`` the file is the compressed global (``?encoding=compressed``): checked by the server's own
+    validator of compressed uploads, then decoded, ``ĝ = D(C(g))``: what this client trains from and its delta is
+    taken against (docs/compression.md)."""
     try:
-        parse_header(path)
-        tensors = decode_file(path)
+        if codec is None:
+            parse_header(path)
+            tensors = decode_file(path)
+        else:
+            spec = {name: tuple(shape) for name, shape in server_config["adapter"].items()}
+            tensors = read_compressed_global(path, codec, spec)
     except (WireError, SafetensorError) as exc:
-        raise GlobalAdapterError(f"the global adapter is not a valid safetensors file: {exc}") from None
+        kind = f"compressed ({codec.tag()}) " if codec is not None else ""
+        raise GlobalAdapterError(f"the {kind}global adapter is refused, nothing is trained on it: {exc}") from None
     verify_global(tensors, server_config["adapter"], server_config["upload_tensors"])
     return tensors
 
@@ -264,10 +275,12 @@ def _play_round(client: FederationClient, trainer: LocalTrainer, state: ClientSt
                 send: Callable[[PendingUpdate], bool] | None = None) -> RoundSummary | None:
     started = time.time()
     down0, up0 = client.bytes_down, client.bytes_up
-    global_path, version, _sha = client.download_global(output_dir / "cache", download_limit(server_config))
+    codec = global_codec(FederationArguments(**server_config["federation"]))  # the quantizers: a compressed download
+    global_path, version, _sha = client.download_global(output_dir / "cache", download_limit(server_config),
+                                                        compressed=codec is not None)
     if version != round_number - 1:
         return None  # the round moved on while we looked; poll again
-    tensors = load_global(global_path, server_config)
+    tensors = load_global(global_path, server_config, codec)
     served = client.config()
     learning_rate, max_steps = check_round_config(served, trainer.args)
     clip_norm = check_clip_norm(served)
@@ -360,6 +373,7 @@ def _save_final(client: FederationClient, server_config: dict[str, Any], output_
 
     from .trainer import LORA_KEYS
 
+    # Dense: the exact global (as the server exports it), never the quantized copy a round trains from.
     global_path, _version, _sha = client.download_global(output_dir / "cache", download_limit(server_config))
     tensors = load_global(global_path, server_config)
     if isinstance(trainer, ZerothOrderTrainer):  # FedKSeed: the model rebuilt from the final scalars

@@ -235,3 +235,12 @@ def get_codec(config) -> Codec | None:
     if name == "topk":
         return TopKCodec(config.topk_fraction)
     raise ValueError(f"unknown --update_compression {name!r}")
+
+
+def global_codec(config) -> BlockwiseCodec | None:
+    """The codec ``GET /v1/global?encoding=compressed`` quantizes the served global with: the federation's quantizer
+    (int8, nf4, fp4), or None (``none``; ``topk``, whose global stays dense: keeping the k largest entries of the
+    *model* drops ``‖x − x̂‖² ≤ (1 − k/n)·‖x‖²``, nearly all of it, and a download has no error feedback to
+    deliver the rest later)."""
+    codec = get_codec(config)
+    return codec if isinstance(codec, BlockwiseCodec) else None

@@ -13,6 +13,13 @@ Error feedback (Seide et al. 2014; Karimireddy et al. 2019, EF-SGD): a client se
 ``e ← (Δ + e) − D(C(Δ + e))`` for the next round, so what quantization or sparsification drops is delayed,
 not lost. ``e`` lives in the client's state (:mod:`fedllm.client.state`) under :data:`RESIDUAL_PREFIX`,
 bound to the federation and committed only when the server accepted the upload that left it.
+
+The served global, quantized (``GET /v1/global?encoding=compressed``, the quantizers only): the same file format
+(:func:`encode_global`), and the client checks it with the server's own validator before decoding it
+(:func:`read_compressed_global`). The server keeps the exact global ``g_t``; clients train from
+``ĝ_t = D(C(g_t))`` and upload ``Δ`` relative to ``ĝ_t``; the server adds the aggregate to ``g_t``. So
+``g_T = g_0 + Σ_t Δ̄_t`` exactly: a download's error ``g_t − ĝ_t`` (at most ``ε·s_b`` per block) only moves the
+point round ``t`` trains from and never enters the global, where it would add up over rounds.
 """
 
 from __future__ import annotations
@@ -78,15 +85,16 @@ def residual_state(residual: Mapping[str, torch.Tensor]) -> Tensors:
 
 def validate_compressed_file(path: str | Path, codec: Codec, spec: Mapping[str, tuple[int, ...]],
                              wire_dtype: str) -> dict[str, str]:
-    """Validate a compressed upload against the federation's tensors; return its metadata.
+    """Validate a compressed file (an upload on the server, the served global on a client) against the federation's
+    tensors; return its metadata.
 
     400 for a malformed file; 422 for a codec tag, part names, dtypes or shapes that do not match, or parts
     that no encoder writes (:meth:`Codec.check`).
     """
     header, metadata = parse_header(path)
     if metadata.get(COMPRESSION_METADATA) != codec.tag():
-        raise WireError(422, f"the upload's compression is {metadata.get(COMPRESSION_METADATA)!r}; this federation "
-                             f"takes {codec.tag()!r} (--update_compression, served by /v1/config)")
+        raise WireError(422, f"the file's compression is {metadata.get(COMPRESSION_METADATA)!r}; this federation's "
+                             f"is {codec.tag()!r} (--update_compression, served by /v1/config)")
     layouts = expected_parts(codec, spec, wire_dtype)
     expected = {part_name(name, part): info for name, layout in layouts.items() for part, info in layout.items()}
     missing = sorted(set(expected) - set(header))
@@ -112,6 +120,27 @@ def validate_compressed_file(path: str | Path, codec: Codec, spec: Mapping[str, 
     return metadata
 
 
+def decode_tensor(file: TensorFile, codec: Codec, parts: Iterable[str], name: str,
+                  shape: tuple[int, ...]) -> torch.Tensor:
+    """The float32 tensor ``name`` of a validated compressed file, decoded from its parts."""
+    return codec.decode({part: file.get(part_name(name, part)) for part in parts}, shape)
+
+
+def encode_global(codec: Codec, tensors: Mapping[str, torch.Tensor]) -> bytes:
+    """The served global ``C(g)``: every tensor's parts, ``compression`` the file's only metadata key (safetensors
+    writes its metadata map in hash order, so a second key would change the bytes, and the ETag, between writes)."""
+    return encode_body(codec, encode_parts(codec, tensors, "float32"), {})
+
+
+def read_compressed_global(path: str | Path, codec: Codec, spec: Mapping[str, tuple[int, ...]]) -> Tensors:
+    """``ĝ = D(C(g))`` from a served compressed global, once :func:`validate_compressed_file` accepted it (the
+    server's check of an upload: a client trusts a server no more than a server trusts a client)."""
+    validate_compressed_file(path, codec, spec, "float32")
+    names = list(codec.layout(1, "float32"))
+    with TensorFile(path) as f, torch_threads(1):
+        return {name: decode_tensor(f, codec, names, name, tuple(shape)) for name, shape in spec.items()}
+
+
 class CompressedFileUpdate:
     """An accepted compressed update, decoded lazily: one tensor of one update in memory at a time.
 
@@ -129,8 +158,7 @@ class CompressedFileUpdate:
         self._parts = list(codec.layout(1, "float32"))  # the part names; they do not depend on the size
 
     def get(self, name: str) -> torch.Tensor:
-        parts = {part: self._file.get(part_name(name, part)) for part in self._parts}
-        return self.codec.decode(parts, tuple(self.spec[name]))
+        return decode_tensor(self._file, self.codec, self._parts, name, tuple(self.spec[name]))
 
     def names(self) -> Iterable[str]:
         return self.spec.keys()

@@ -48,6 +48,7 @@ ERROR_STATUS: dict[type[errors.FederationError], int] = {
     errors.BadJson: 400,
     errors.InvalidNumSamples: 400,
     errors.InvalidRound: 400,
+    errors.InvalidEncoding: 400,
     errors.MalformedUpdate: 400,
     errors.ChecksumMismatch: 400,
     errors.TruncatedBody: 400,
@@ -276,7 +277,8 @@ def create_app(
 
     @app.get("/v1/global")
     def get_global():
-        latest = federation.latest_global()
+        """The newest global: dense, or with ``?encoding=compressed`` quantized by the federation's codec."""
+        latest = federation.served_global(request.args.get("encoding"))
         etag = latest.sha256
         if etag in {t.strip().strip('"').removeprefix("W/").strip('"') for t in request.headers.get("If-None-Match", "").split(",")}:
             response = Response(status=304)

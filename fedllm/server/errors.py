@@ -151,6 +151,10 @@ class InvalidRound(FederationError):
     error = "invalid round"
 
 
+class InvalidEncoding(FederationError):
+    error = "invalid encoding"
+
+
 class Unauthorized(FederationError):
     error = "unauthorized"
 

@@ -27,7 +27,7 @@ import torch
 
 from ..adapter import adapter_spec, build_lora_config, initial_adapter, load_model_config, model_fingerprint
 from ..algorithms import FedAlgorithm, get_algorithm
-from ..compression.codecs import get_codec
+from ..compression.codecs import get_codec, global_codec
 from ..compression.updates import compressed_reader, compressed_validator
 from ..config import FederationArguments, federation_changes
 from ..wire import DTYPE_CODE, WIRE_DTYPES
@@ -38,7 +38,7 @@ from .rounds import PRIVACY_KEY as ROUNDS_PRIVACY_KEY
 from .rounds import RoundEngine
 from .secure_rounds import SecureRounds
 from .store import GlobalRow, Store
-from .versions import FileUpdate, GlobalVersions, write_version
+from .versions import FileUpdate, GlobalVersions, ServedGlobal, write_version
 
 log = logging.getLogger("fedllm.server")
 
@@ -98,7 +98,7 @@ class Federation:
         adapter_bytes = sum(int(torch.Size(s).numel()) for s in self.upload_spec.values()) * element_bytes
         self.max_upload_bytes = max_upload_bytes or 2 * adapter_bytes + (1 << 20)
         self.versions = GlobalVersions(store, self.config.wire_dtype, self.algorithm, self.lora_config_dict,
-                                       self.output_dir)
+                                       self.output_dir, global_codec(self.config))
         validate, open_update = self._upload_format()
         self.rounds = RoundEngine(store, self.config, self.algorithm, self.versions,
                                   carries_client_state=set(self.upload_spec) != set(self.spec), open_update=open_update)
@@ -207,7 +207,7 @@ class Federation:
         lora_dict["target_modules"] = sorted(lora_dict["target_modules"]) if lora_dict.get("target_modules") else None
         lora_dict["peft_type"] = str(getattr(lora.peft_type, "value", lora.peft_type))
         lora_dict["task_type"] = str(getattr(lora.task_type, "value", lora.task_type))
-        row = write_version(store, config.wire_dtype, algorithm, 0, adapter, state)
+        row = write_version(store, config.wire_dtype, algorithm, 0, adapter, state, global_codec(config))
         with store.transaction() as db:
             if store.get_meta(db, "federation") is not None:
                 return  # another process won the race; its files are identical
@@ -246,6 +246,10 @@ class Federation:
 
     def latest_global(self) -> GlobalRow:
         return self.versions.latest()
+
+    def served_global(self, encoding: str | None) -> ServedGlobal:
+        """What ``GET /v1/global?encoding=`` sends (fedllm.server.versions.GlobalVersions.served)."""
+        return self.versions.served(encoding)
 
     def history(self) -> list[dict[str, Any]]:
         return self.store.history(self.store.read())

@@ -347,16 +347,21 @@ def _paths() -> dict[str, Any]:
             [*IDENTIFIED, errors.BadJson, errors.InvalidNumSamples, errors.FederationFull, *json_limit],
             requestBody={"required": True, "content": {JSON: {"schema": _ref("JoinRequest")}}})},
         "/v1/global": {"get": _operation(
-            "get_global", "The current global adapter, a safetensors file", CLIENT_SECURITY, {
+            "get_global", "The current global adapter, a safetensors file (dense, or quantized with "
+                          "?encoding=compressed)", CLIENT_SECURITY, {
                 "200": {"description": "the global adapter", "headers": GLOBAL_HEADERS,
                         "content": {"application/octet-stream": {"schema": BINARY}},
                         "links": {"NotModified": {"operationId": "get_global",
                                                   "parameters": {"header.If-None-Match": "$response.header.ETag"},
                                                   "description": "the same version again: 304"}}},
                 "304": {"description": "If-None-Match names the current version", "headers": GLOBAL_HEADERS}},
-            IDENTIFIED,
+            [*IDENTIFIED, errors.InvalidEncoding],
             parameters=[{"name": "If-None-Match", "in": "header", "required": False, "schema": {"type": "string"},
-                         "description": "the ETag of the version the client holds"}])},
+                         "description": "the ETag of the version the client holds"},
+                        {"name": "encoding", "in": "query", "required": False,
+                         "schema": {"type": "string", "enum": ["dense", "compressed"], "default": "dense"},
+                         "description": "compressed: the global quantized with the federation's --update_compression "
+                                        "(int8, nf4, fp4 only; its own ETag); docs/compression.md"}])},
         "/v1/update": {"post": _operation(
             "post_update", "Upload the calling client's update (its LoRA delta, local - global) for round R",
             CLIENT_SECURITY, {"202": _json(_ref("UpdateAccepted"), "accepted, or an identical retry")},

@@ -1,8 +1,9 @@
 """Communication accounting: bytes each client sent and received, the run's total, and ``--communication_budget_mb``.
 
 Received bytes are the accepted upload bodies (the ``updates`` rows, as ``/v1/history``'s ``bytes_received``);
-sent bytes are the global adapters served to joined clients (``GET /v1/global`` answered with a body; a 304 is
-free), each counted in the round open when it was served. The budget covers both: at 80% the federation warns
+sent bytes are the global adapters served to joined clients (``GET /v1/global`` answered with a body, at the size of
+the file sent: the quantized one for ``?encoding=compressed``; a 304 is free), each counted in the round open when
+it was served. The budget covers both: at 80% the federation warns
 once (event ``communication_budget_warning``), and a round does not start once the total reached the budget
 (the federation finishes early, as when the privacy budget is spent).
 """
@@ -30,7 +31,8 @@ class TrafficLedger:
         self.budget = config.budget_bytes()
 
     def record_download(self, client_id: str, size: int) -> None:
-        """Count a served global adapter (bookkeeping only: a failure is logged, never fails the download)."""
+        """Count a served global adapter of ``size`` bytes, as sent (bookkeeping only: a failure is logged, never
+        fails the download)."""
         try:
             with self.store.transaction() as db:
                 if client_id not in self.store.clients(db):

@@ -6,14 +6,21 @@ algorithm's served extras, e.g. SCAFFOLD's ``control.`` c) and ``globals/v00000v
 (the float32 master copy of the adapter and the algorithm's state, from which the next round
 aggregates bit for bit). PEFT adapter directories (``adapters/final``, ``adapters/round_N``) are the
 export that ``PeftModel.from_pretrained`` loads.
+
+With a quantizer ``--update_compression`` (int8, nf4, fp4) a version has a third file, the served global quantized
+with the same codec from the float32 master copy (``globals/v00000v.compressed.safetensors``, what
+``GET /v1/global?encoding=compressed`` sends), and its sha256 and size in ``v00000v.compressed.json``: both written
+atomically, file first, before any row points to the version, so the ETag is computed once per version.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,9 +31,12 @@ from safetensors.torch import save_file
 from ..adapter import save_peft_adapter
 from ..algorithms import FedAlgorithm
 from ..algorithms.base import Tensors
+from ..compression.codecs import Codec
+from ..compression.updates import encode_global
 from ..faults import fault_point
-from ..fsutil import atomic_write, fsync_dir, fsync_tree
+from ..fsutil import atomic_write, atomic_write_bytes, fsync_dir, fsync_tree
 from ..wire import DTYPE_CODE, WIRE_DTYPES, TensorFile, sha256_file
+from .errors import InvalidEncoding
 from .store import GlobalRow, Store, UpdateRow
 
 STATE_GLOBAL_PREFIX = "global."  # fp32 master copy of the adapter inside the state file
@@ -36,6 +46,35 @@ PEFT_DIR_KEYS = frozenset({"r", "lora_alpha", "lora_dropout", "target_modules", 
                            "base_model_name_or_path"})
 GLOBAL_EXPORT_FILE = "global.safetensors"  # the export of an algorithm whose global is no LoRA adapter
 KEPT_VERSIONS = 2  # global versions kept on disk: the newest and the one a late client may still be training on
+ENCODINGS = ("dense", "compressed")  # of GET /v1/global?encoding=
+
+
+@dataclass(frozen=True)
+class ServedGlobal:
+    """One file ``GET /v1/global`` sends: a version's dense or compressed global, its sha256 (the ETag) and size."""
+
+    version: int
+    sha256: str
+    path: str
+    size: int
+
+
+def compressed_paths(store: Store, version: int) -> tuple[Path, Path]:
+    """(the compressed global of ``version``, the JSON that records its sha256 and size)."""
+    dense = store.global_path(version)
+    return dense.with_suffix(".compressed.safetensors"), dense.with_suffix(".compressed.json")
+
+
+def write_compressed(store: Store, codec: Codec, algorithm: FedAlgorithm, version: int, adapter: Tensors,
+                     state: Tensors) -> ServedGlobal:
+    """Write ``C(g)`` of ``version``, the served tensors quantized from the float32 master copy (idempotently: the
+    encoding is deterministic), then its record."""
+    served = {**adapter, **algorithm.global_extras(state)}
+    path, record = compressed_paths(store, version)
+    atomic_write_bytes(path, encode_global(codec, served))
+    row = ServedGlobal(version, sha256_file(path), str(path), path.stat().st_size)
+    atomic_write_bytes(record, json.dumps({"sha256": row.sha256, "size": row.size}).encode())
+    return row
 
 
 class FileUpdate:
@@ -63,8 +102,9 @@ class FileUpdate:
 
 
 def write_version(store: Store, wire_dtype: str, algorithm: FedAlgorithm, version: int, adapter: Tensors,
-                  state: Tensors) -> GlobalRow:
-    """Write the served global and the state file of ``version`` (atomically, idempotently)."""
+                  state: Tensors, codec: Codec | None = None) -> GlobalRow:
+    """Write the served global and the state file of ``version`` (atomically, idempotently); with ``codec`` (the
+    federation's quantizer, :func:`~fedllm.compression.codecs.global_codec`) its compressed global too."""
     dtype = WIRE_DTYPES[DTYPE_CODE[wire_dtype]][0]
     served = {k: v.to(dtype).contiguous() for k, v in adapter.items()}
     served.update({k: v.to(dtype).contiguous() for k, v in algorithm.global_extras(state).items()})
@@ -75,6 +115,8 @@ def write_version(store: Store, wire_dtype: str, algorithm: FedAlgorithm, versio
     state_tensors = {STATE_GLOBAL_PREFIX + k: v.contiguous() for k, v in adapter.items()}
     state_tensors.update({STATE_ALGO_PREFIX + k: v.contiguous() for k, v in state.items()})
     spath = atomic_write(store.state_path(version), lambda tmp: save_file(state_tensors, tmp))
+    if codec is not None:
+        write_compressed(store, codec, algorithm, version, adapter, state)
     digest = sha256_file(gpath)  # in chunks: never a second copy of the adapter in memory
     return GlobalRow(version, digest, store.relative(gpath), store.relative(spath), gpath.stat().st_size, time.time())
 
@@ -96,12 +138,13 @@ class GlobalVersions:
     """The global versions of one federation: the newest, writing the next one, exporting and pruning."""
 
     def __init__(self, store: Store, wire_dtype: str, algorithm: FedAlgorithm, lora_config: Mapping[str, Any],
-                 output_dir: Path):
+                 output_dir: Path, codec: Codec | None = None):
         self.store = store
         self.wire_dtype = wire_dtype
         self.algorithm = algorithm
         self.lora_config = lora_config
         self.output_dir = output_dir
+        self.codec = codec  # the quantizer of the compressed global, or None: only the dense one is served
 
     def latest(self) -> GlobalRow:
         """The newest global version, with its file paths resolved against ``state_dir``."""
@@ -109,11 +152,30 @@ class GlobalVersions:
         return GlobalRow(row.version, row.sha256, str(self.store.resolve(row.path)),
                          str(self.store.resolve(row.state_path)), row.size, row.created_at)
 
+    def served(self, encoding: str | None) -> ServedGlobal:
+        """The newest global as ``GET /v1/global?encoding=`` sends it: ``dense`` (the default) or ``compressed``."""
+        encoding = encoding or "dense"
+        if encoding not in ENCODINGS:
+            raise InvalidEncoding(f"encoding must be one of {list(ENCODINGS)}, got {encoding[:40]!r}")
+        if encoding == "compressed" and self.codec is None:
+            raise InvalidEncoding("this federation serves its global dense only: encoding=compressed needs "
+                                  "--update_compression int8, nf4 or fp4")
+        row = self.latest()
+        if encoding == "dense":
+            return ServedGlobal(row.version, row.sha256, row.path, row.size)
+        path, record = compressed_paths(self.store, row.version)
+        try:
+            found = json.loads(record.read_text())
+            return ServedGlobal(row.version, found["sha256"], str(path), found["size"])
+        except FileNotFoundError:  # a version written before this server served compressed globals
+            adapter, state = self.load(row)
+            return write_compressed(self.store, self.codec, self.algorithm, row.version, adapter, state)
+
     def load(self, row: GlobalRow) -> tuple[Tensors, Tensors]:
         return load_state(self.store.resolve(row.state_path))
 
     def write(self, version: int, adapter: Tensors, state: Tensors) -> GlobalRow:
-        return write_version(self.store, self.wire_dtype, self.algorithm, version, adapter, state)
+        return write_version(self.store, self.wire_dtype, self.algorithm, version, adapter, state, self.codec)
 
     def export(self, adapter: Mapping[str, torch.Tensor], name: str) -> Path:
         """Write ``adapter`` as the PEFT directory ``output_dir/name`` (or, for an algorithm whose global is no LoRA
@@ -142,3 +204,5 @@ class GlobalVersions:
         for old in range(max(0, version - 2 - KEPT_VERSIONS), version + 1 - KEPT_VERSIONS):
             self.store.global_path(old).unlink(missing_ok=True)
             self.store.state_path(old).unlink(missing_ok=True)
+            for path in compressed_paths(self.store, old):
+                path.unlink(missing_ok=True)
