@@ -433,7 +433,8 @@ def test_an_old_version_gets_its_compressed_global_when_first_asked(open_federat
 
 
 @pytest.mark.parametrize(("name", "encoding", "message"), [
-    ("topk", "compressed", "serves its global dense only"), ("int8", "zip", "must be one of")])
+    ("topk", "compressed", "serves its global dense only"), ("int8", "zip", "must be one of"),
+    ("int8", "", "must be one of")])
 def test_a_compressed_global_is_refused_where_none_is_served(name: str, encoding: str, message: str,
                                                             open_federation) -> None:
     fed = open_federation(name)

@@ -154,7 +154,7 @@ class GlobalVersions:
 
     def served(self, encoding: str | None) -> ServedGlobal:
         """The newest global as ``GET /v1/global?encoding=`` sends it: ``dense`` (the default) or ``compressed``."""
-        encoding = encoding or "dense"
+        encoding = "dense" if encoding is None else encoding  # present but empty is a bad value, as the schema says
         if encoding not in ENCODINGS:
             raise InvalidEncoding(f"encoding must be one of {list(ENCODINGS)}, got {encoding[:40]!r}")
         if encoding == "compressed" and self.codec is None:
