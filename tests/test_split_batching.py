@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from pathlib import Path
 
 import pytest
 import requests
 import torch
 from safetensors.torch import load as load_bytes
+from safetensors.torch import load_file
 
 from fedllm.adapter import build_lora_config, load_model_config
 from fedllm.algorithms import round_learning_rate
@@ -198,3 +200,137 @@ def test_the_batch_wait_is_checked_and_may_change_when_the_server_restarts(tiny4
     stored = {**vars(split_config(tiny4_model_dir))}
     identity, operational = federation_changes(stored, split_config(tiny4_model_dir, split_batch_wait=2.0))
     assert identity == {} and operational == {"split_batch_wait": (0.0, 2.0)}
+
+
+class _ServerTransport:
+    """A client's split calls to the real server app, its refusals raised as the HTTP client raises them; bob's
+    first backward of ``hold_step`` is held until the server has dropped that step from its batch."""
+
+    def __init__(self, app, client_id: str, hold_step: int | None = None):
+        self.app, self.client_id, self.hold_step = app, client_id, hold_step
+
+    def split_step(self, round_number: int) -> dict:
+        response = self.app.test_client().get(f"/v1/split/step?round={round_number}",
+                                              headers={"X-FedLLM-Client": self.client_id})
+        assert response.status_code == 200, response.get_json()
+        return response.get_json()
+
+    def split_exchange(self, kind: str, round_number: int, step: int, body: bytes, limit: int) -> bytes:
+        from fedllm.client.http import ServerError
+
+        if kind == "backward" and step == self.hold_step:
+            self.hold_step = None
+            service = self.app.extensions["fedllm"]["split"]
+            for _ in range(6000):  # until the batch's step went without this member (the server's timer)
+                if service.dropped.get(self.client_id, (0, 0))[:2] == (round_number, step):
+                    break
+                time.sleep(0.02)
+            else:
+                pytest.fail("the server never dropped the held step")
+        response = post(self.app.test_client(), kind, step, body, client=self.client_id, round_number=round_number)
+        if response.status_code != 200:
+            raise ServerError(response.status_code, response.get_json()["error"], response.get_json()["detail"])
+        return response.data
+
+
+def test_a_member_dropped_from_its_batch_redoes_the_step_in_process_and_every_loss_is_exact(
+        tiny4_model_dir: Path, tmp_path: Path, caplog) -> None:
+    from fedllm.adapter import initial_adapter
+    from fedllm.config import ClientArguments
+    from fedllm.data import write_demo_data
+    from fedllm.split.client import ENDS_FILE, PROGRESS_FILE, SplitTrainer
+    from fedllm.split.step import add_gradients
+
+    federation = _federation(tiny4_model_dir, tmp_path / "state", split_batch_wait=4.0)
+    app = create_app(federation, start_ticker=False)
+    service = app.extensions["fedllm"]["split"]
+    schedule: list[list[tuple[str, int, bool]]] = []  # each middle step's members: (client, step, contributed)
+    close = service._close
+
+    def recording_close(batch, expired: bool = False) -> None:
+        schedule.append([(m.client_id, m.step, m.state == "contributed") for m in batch.members])
+        close(batch, expired)
+
+    service._close = recording_close
+    server_config = federation.client_config()
+    served = initial_adapter({k: tuple(v) for k, v in server_config["adapter"].items()}, 5)
+    data = dict(zip(("alice", "bob"), write_demo_data(tmp_path / "data", num_clients=2, rows_per_client=12, seed=3),
+                    strict=True))
+    learning_rate, steps = 0.01, 3
+
+    def trainer(name: str, transport, folder: str) -> SplitTrainer:
+        return SplitTrainer(server_config, ClientArguments(client_id=name, dataset_name=str(data[name]),
+                                                           batch_size=2, output_dir=str(tmp_path / folder), seed=1),
+                            transport)
+
+    trainers = {"alice": trainer("alice", _ServerTransport(app, "alice"), "alice"),
+                "bob": trainer("bob", _ServerTransport(app, "bob", hold_step=2), "bob")}
+    results, failures = {}, []
+
+    def run(name: str):
+        def call() -> None:
+            try:
+                results[name] = trainers[name].train_round(served, 1, learning_rate, steps)
+            except Exception as exc:  # reported below, with the thread's traceback
+                failures.append(exc)
+                raise
+        return call
+
+    with caplog.at_level(logging.WARNING, logger="fedllm.client"):
+        _threads(run("alice"), run("bob"))
+    assert not failures, failures
+    redone = [r for r in caplog.records if getattr(r, "event", None) == "split_step_redo"]
+    assert [(r.round, r.step, r.attempt) for r in redone] == [(1, 2, 2)]
+    assert ("bob", 2, False) in [m for batch in schedule for m in batch]  # bob's first step 2 went unused
+    assert sum(m[2] for batch in schedule for m in batch) == 2 * steps  # every step contributed once
+    assert results["bob"].metrics["steps"] == steps == results["alice"].metrics["steps"]
+
+    # The same schedule in one process: each batch's members at the middle's current weights, its step on the
+    # mean of its contributors' gradients; a dropped member's ends take no step and keep their h_A.
+    plan, config = service.plan, federation.config
+    reference_middle = SplitMiddle(build_part_model(tiny4_model_dir, load_model_config(str(tiny4_model_dir)), plan,
+                                                    SERVER_PARTS, build_lora_config(
+                                                        load_model_config(str(tiny4_model_dir)),
+                                                        r=config.peft_lora_r, alpha=config.peft_lora_alpha,
+                                                        dropout=0.0, target_modules=config.target_module_list())),
+                                   plan, config.learning_rate)
+    start, _ = initial_parts(config)
+    set_part_adapter_tensors(reference_middle.model, plan, SERVER_PARTS,
+                             {k: v for k, v in start.items() if plan.part_of(k) == MIDDLE})
+    set_learning_rate(reference_middle.optimizer, round_learning_rate(config, 1))
+    references, ends, heads = {}, {}, {}
+    for name in trainers:
+        references[name] = trainer(name, None, f"reference-{name}")
+        set_part_adapter_tensors(references[name].model, plan, CLIENT_PARTS, served)
+        ends[name] = SplitEnds(references[name].model, plan, learning_rate)
+    losses: dict[str, list[float]] = {"alice": [], "bob": []}
+    for batch in schedule:
+        gradient_sum, contributors = None, 0
+        for name, step, contributed in batch:
+            rows = references[name].batch(1, step)
+            if (name, step) not in heads:
+                heads[name, step] = ends[name].head(rows)
+            leaf, output = reference_middle.forward(*heads[name, step])
+            loss, grad_b = ends[name].tail(output, rows.labels)
+            if not contributed:
+                ends[name].discard_tail()
+                continue
+            grad_a, grads = reference_middle.gradients(leaf, output, grad_b)
+            gradient_sum, contributors = add_gradients(gradient_sum, grads), contributors + 1
+            ends[name].head_backward(grad_a)
+            losses[name].append(loss)
+        if contributors:
+            reference_middle.step(gradient_sum, contributors)
+
+    for name in trainers:
+        folder = tmp_path / name / "split"
+        ran = __import__("json").loads((folder / PROGRESS_FILE).read_text())["losses"]
+        assert ran == pytest.approx(losses[name], abs=1e-5), name
+        after = ends[name].adapter()
+        for key, delta in results[name].tensors.items():
+            assert (served[key].float() + delta - after[key]).abs().max() < 1e-5, key
+        saved = load_file(str(folder / ENDS_FILE))
+        assert {float(v) for k, v in saved.items() if k.endswith("/step")} == {float(steps)}  # 3 AdamW steps
+    for key, value in reference_middle.adapter().items():
+        assert (service.middle.adapter()[key] - value).abs().max() < 1e-5, key
+    federation.store.close()

@@ -453,9 +453,9 @@ def _split_paths() -> dict[str, Any]:
                    split_errors.SplitMessageTooLarge, errors.MissingHeader]
     tensors = {"application/octet-stream": {"schema": BINARY}}
 
-    def step(operation_id: str, summary: str, sent: str, answer: str) -> dict[str, Any]:
+    def step(operation_id: str, summary: str, sent: str, answer: str, more: Iterable[ErrorCause] = ()) -> dict[str, Any]:
         return {"post": _operation(operation_id, summary, CLIENT_SECURITY,
-                                   {"200": {"description": answer, "content": tensors}}, step_errors,
+                                   {"200": {"description": answer, "content": tensors}}, [*step_errors, *more],
                                    parameters=[round_param, step_param],
                                    requestBody={"required": True, "description": sent, "content": tensors})}
 
@@ -474,7 +474,7 @@ def _split_paths() -> dict[str, Any]:
         "/v1/split/backward": step(
             "split_backward", "--fed_mode split: backpropagate the client's gradient through the middle blocks",
             "a safetensors file: grad [B, T, hidden_size], the loss's gradient w.r.t. the forward's answer",
-            "a safetensors file: grad [B, T, hidden_size], w.r.t. the forward's input"),
+            "a safetensors file: grad [B, T, hidden_size], w.r.t. the forward's input", [split_errors.StepDropped]),
     }
 
 

@@ -6,6 +6,11 @@
 with ``--split_private_ends`` a zero delta while the ends stay here). Token ids, labels and text never leave
 this process: what it sends is h_A with the rows' spans and positions, and ∂loss/∂h_B.
 
+A step the server dropped (its backward came after the batch stepped without it, ``--split_batch_wait``, or after
+the pending-step timeout: the JSON error ``split step dropped``) is redone in process, at most
+:data:`STEP_ATTEMPTS` times in all: the ends took no optimizer step for it (they step only on the middle's g_A,
+which a dropped backward never gets), so the redo resends the same h_A message and recomputes the rest.
+
 Resumable: after every step the ends' LoRA, their AdamW state and the round's losses are written atomically to
 ``--output_dir/split/``; a restarted client continues the round at the step the server expects next
 (``GET /v1/split/step``), so a step the server completed is never sent again.
@@ -25,8 +30,10 @@ from peft import LoraConfig
 from safetensors.torch import load_file, save_file
 
 from ..adapter import load_model_config, model_fingerprint
+from ..client.http import ServerError
 from ..config import ClientArguments, FederationArguments
 from ..fsutil import atomic_write, atomic_write_bytes
+from .errors import StepDropped
 from .messages import MAX_ROWS, MessageError, MessageShape, decode_tensor, encode_forward, encode_tensor
 from .model import CLIENT_PARTS, SplitPlan, build_part_model
 from .step import Batch, PrivacyKnobs, SplitEnds, load_optimizer_tensors, optimizer_tensors, set_part_adapter_tensors
@@ -37,6 +44,7 @@ LORA_KEYS = ("r", "lora_alpha", "lora_dropout", "target_modules", "bias", "task_
 PROGRESS_FILE = "progress.json"
 ENDS_FILE = "ends.safetensors"  # the ends' LoRA and AdamW state after the last completed step
 PRIVATE_ENDS_FILE = "private_ends.safetensors"  # --split_private_ends: the ends that never leave
+STEP_ATTEMPTS = 4  # a step's attempts in all, when the server drops it from its batch again and again
 
 
 class SplitProtocolError(RuntimeError):
@@ -168,13 +176,35 @@ class SplitTrainer:
         hidden_a, mask = ends.head(batch)
         wire = self.federation.wire_dtype
         limit = self.shape.max_bytes()
-        answer = self.client.split_exchange("forward", round_number, step, encode_forward(hidden_a, mask, wire), limit)
-        hidden_b = self._decode(answer, "hidden", tuple(hidden_a.shape))
-        loss, grad_b = ends.tail(hidden_b, batch.labels)
-        answer = self.client.split_exchange("backward", round_number, step, encode_tensor("grad", grad_b, wire), limit)
-        ends.head_backward(self._decode(answer, "grad", tuple(hidden_a.shape)))
-        log.debug("split: round %d step %d loss %.4f", round_number, step, loss)
-        return loss
+        forward = encode_forward(hidden_a, mask, wire)
+        for attempt in range(1, STEP_ATTEMPTS + 1):
+            answer = self.client.split_exchange("forward", round_number, step, forward, limit)
+            hidden_b = self._decode(answer, "hidden", tuple(hidden_a.shape))
+            loss, grad_b = ends.tail(hidden_b, batch.labels)
+            try:
+                answer = self.client.split_exchange("backward", round_number, step,
+                                                    encode_tensor("grad", grad_b, wire), limit)
+            except ServerError as exc:
+                if exc.status != 409 or exc.error != StepDropped.error or attempt == STEP_ATTEMPTS:
+                    raise
+                self._redo(ends, round_number, step, attempt, exc.detail)
+                continue
+            ends.head_backward(self._decode(answer, "grad", tuple(hidden_a.shape)))
+            log.debug("split: round %d step %d loss %.4f", round_number, step, loss)
+            return loss
+        raise AssertionError("unreachable")
+
+    def _redo(self, ends: SplitEnds, round_number: int, step: int, attempt: int, why: str) -> None:
+        """Before a dropped step's next attempt: its tail gradients discarded (nothing was stepped), and the server
+        confirms the step is still the one it expects."""
+        ends.discard_tail()
+        expected = int(self.client.split_step(round_number)["next_step"])
+        if expected != step:
+            raise SplitProtocolError(f"the server dropped step {step} of round {round_number} but now expects step "
+                                     f"{expected}; stopping (a restart resumes where the server is)")
+        log.warning("split: step %d of round %d was dropped by the server (%s); redoing it (attempt %d of %d)",
+                    step, round_number, why, attempt + 1, STEP_ATTEMPTS,
+                    extra={"event": "split_step_redo", "round": round_number, "step": step, "attempt": attempt + 1})
 
     def _decode(self, body: bytes, name: str, expected: tuple[int, ...]) -> torch.Tensor:
         try:

@@ -22,6 +22,14 @@ class StepOutOfOrder(FederationError):
     error = "split step out of order"
 
 
+class StepDropped(FederationError):
+    """A backward for a step whose forward the server discarded without taking a step with it: dropped from its
+    batch's step (no backward within ``--split_batch_wait``) or freed after the pending-step timeout. The step is
+    not done and nothing of it was applied; the client redoes it from its forward (fedllm.split.client)."""
+
+    error = "split step dropped"
+
+
 class MalformedActivations(FederationError):
     """Not a safetensors body, or not the tensors of a split message."""
 
@@ -42,6 +50,7 @@ SPLIT_ERROR_STATUS: dict[type[FederationError], int] = {
     NotSplitMode: 409,
     InvalidSplitStep: 400,
     StepOutOfOrder: 409,
+    StepDropped: 409,
     MalformedActivations: 400,
     InvalidActivations: 422,
     SplitMessageTooLarge: 413,

@@ -11,7 +11,7 @@ clients concurrently, one middle computation at a time under a lock). Each clien
   at once, which completes the client's step. An identical retry of a completed backward gets the same answer
   again; another body for it is refused.
 * A forward whose backward does not come within :data:`PENDING_STEP_TIMEOUT` seconds is freed (its graph with it)
-  and logged; the client's later backward is refused and it redoes the step.
+  and logged; the client's later backward is refused as ``split step dropped`` (409), and it redoes the step.
 
 **Batches** (FL-LLaMA's client-batch mode, ``--split_batch_wait W``). Forwards arriving within W seconds of the
 first (or until every client sampled in the round with steps left has sent one) are concatenated along the
@@ -54,7 +54,7 @@ from ..server.errors import NoOpenRound
 from ..server.metrics import instruments
 from ..server.rounds import RoundEngine
 from ..server.store import RoundRow
-from .errors import InvalidActivations, MalformedActivations, StepOutOfOrder
+from .errors import InvalidActivations, MalformedActivations, StepDropped, StepOutOfOrder
 from .messages import MessageError, MessageShape, decode_forward, decode_tensor, encode_tensor
 from .model import MIDDLE, SERVER_PARTS, MaskInfo, SplitPlan, build_part_model
 from .step import (
@@ -167,6 +167,8 @@ class MiddleService:
         self.collecting: Batch | None = None  # forwards gathering for one middle forward
         self.pending: list[Batch] = []  # computed batches awaiting their members' backwards
         self.answers: dict[str, Answer] = {}
+        # client -> (round, step, why): its forward was discarded without a step; its backward is told so
+        self.dropped: dict[str, tuple[int, int, str]] = {}
         self.lock = threading.Condition()
         if (self.folder / CHECKPOINT).exists():
             self._restore()
@@ -197,6 +199,7 @@ class MiddleService:
                 raise StepOutOfOrder(f"step {step} is not the next one: send step {done + 1} of "
                                      f"{self.config.max_steps}")
             self._drop(client_id)  # its earlier forward of this step, replaced
+            self.dropped.pop(client_id, None)  # a dropped step, redone
             member = Member(client_id, round_number, step, hidden_a, mask)
             self.steps[client_id] = member
             arrived = time.monotonic()
@@ -228,9 +231,12 @@ class MiddleService:
                 if answer is not None and (answer.round, answer.step, answer.request_sha256) == (
                         round_number, step, sha):
                     return answer.body  # the same request again: its answer was lost on the way
+                dropped = self.dropped.get(client_id)
+                if dropped is not None and dropped[:2] == (round_number, step):
+                    raise StepDropped(f"step {step} of round {round_number} was {dropped[2]}; the step is not done "
+                                      "and nothing of it was applied: send its forward again")
                 raise StepOutOfOrder(f"no forward of step {step} of round {round_number} is pending (never sent, "
-                                     f"already answered, dropped from its batch after --split_batch_wait "
-                                     f"{self.batch_wait:g} s, or freed after {PENDING_STEP_TIMEOUT:g} s); send its "
+                                     "already answered with another body, or lost in a server restart); send its "
                                      "forward first")
             rows, length = member.hidden_a.shape[:2]
             grad_b = self._decode(lambda: decode_tensor(body, "grad", self.shape, (rows, length, self.shape.hidden_size)))
@@ -363,6 +369,9 @@ class MiddleService:
             member.state = DROPPED
             if self.steps.get(member.client_id) is member:
                 del self.steps[member.client_id]
+            why = (f"freed after {PENDING_STEP_TIMEOUT:g} s without its backward" if expired else
+                   f"dropped from its batch's step: no backward within --split_batch_wait {self.batch_wait:g} s")
+            self.dropped[member.client_id] = (member.round, member.step, why)
             if expired:
                 log.warning("split: freed the graph of %s's step %d of round %d: no backward within %g s",
                             member.client_id, member.step, member.round, PENDING_STEP_TIMEOUT,

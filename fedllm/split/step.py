@@ -146,6 +146,11 @@ class SplitEnds:
         loss.backward()
         return float(loss.detach()), self.knobs.protect_gradient(hidden_b.grad, self.generator)
 
+    def discard_tail(self) -> None:
+        """Forget :meth:`tail`'s gradients (the server dropped the step): the head's graph and mask are kept, so the
+        step's next attempt resends the same h_A and runs :meth:`tail` again; nothing was stepped."""
+        self.optimizer.zero_grad(set_to_none=True)
+
     def head_backward(self, grad_a: torch.Tensor) -> None:
         """Step 5: the head's gradients from g_A, then one AdamW step on head and tail."""
         self._head_out.backward(grad_a.to(self._head_out.dtype))
