@@ -47,6 +47,7 @@ SERVED_DEFAULTS = {
     "dp_clipped_count_stddev": None, "client_sampling": "uniform",
     "fed_mode": "lora", "split_head_layers": 2, "split_tail_layers": 2, "split_activation_noise": 0.0,
     "split_gradient_clip": 0.0, "split_gradient_noise": 0.0, "split_private_ends": False, "split_batch_wait": 0.0,
+    "split_sequence_chunk": 0,
     # compressed updates and the communication budget (fedllm/compression/config.py), off by default
     "update_compression": "none", "compression_block_size": 128, "topk_fraction": 0.01, "communication_budget_mb": 0.0,
 }

@@ -450,14 +450,26 @@ def _split_paths() -> dict[str, Any]:
     rounds = [errors.NoOpenRound, errors.WrongRound, errors.NotSampled, errors.RoundClosed]
     step_errors = [*IDENTIFIED, split_errors.NotSplitMode, split_errors.InvalidSplitStep, *rounds,
                    split_errors.StepOutOfOrder, split_errors.MalformedActivations, split_errors.InvalidActivations,
-                   split_errors.SplitMessageTooLarge, errors.MissingHeader]
+                   split_errors.SplitMessageTooLarge, errors.MissingHeader, split_errors.ChunkOutOfOrder]
     tensors = {"application/octet-stream": {"schema": BINARY}}
+    chunked = (" With --split_sequence_chunk C (/v1/config) the body is one chunk of the message: C tokens of "
+               "it (fewer in the last), the per-row tensors whole, bound by its safetensors metadata (kind, client, "
+               "round, step, chunk, chunks); docs/split_learning.md.")
+    receipt = _json({"type": "object", "required": ["round", "step", "chunk", "chunks"],
+                     "properties": {"round": COUNT, "step": COUNT, "chunk": {"type": "integer", "minimum": 0},
+                                    "chunks": COUNT}},
+                    "--split_sequence_chunk: a chunk before the last, received (an identical resend is received "
+                    "again)")
 
     def step(operation_id: str, summary: str, sent: str, answer: str, more: Iterable[ErrorCause] = ()) -> dict[str, Any]:
+        answer += ("; with --split_sequence_chunk, answering the last chunk: the answer's chunks, each an 8-byte "
+                   "little-endian length and a safetensors body bound like the request's (kind '<kind> answer')")
         return {"post": _operation(operation_id, summary, CLIENT_SECURITY,
-                                   {"200": {"description": answer, "content": tensors}}, [*step_errors, *more],
+                                   {"200": {"description": answer, "content": tensors}, "202": receipt},
+                                   [*step_errors, *more],
                                    parameters=[round_param, step_param],
-                                   requestBody={"required": True, "description": sent, "content": tensors})}
+                                   requestBody={"required": True, "description": sent + chunked,
+                                                "content": tensors})}
 
     return {
         "/v1/split/step": {"get": _operation(

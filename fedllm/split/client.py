@@ -33,9 +33,10 @@ from ..adapter import load_model_config, model_fingerprint
 from ..client.http import ServerError
 from ..config import ClientArguments, FederationArguments
 from ..fsutil import atomic_write, atomic_write_bytes
+from .chunks import decode_answer, encode_chunks
 from .errors import StepDropped
 from .messages import MAX_ROWS, MessageError, MessageShape, decode_tensor, encode_forward, encode_tensor
-from .model import CLIENT_PARTS, SplitPlan, build_part_model
+from .model import CLIENT_PARTS, MaskInfo, SplitPlan, build_part_model
 from .step import Batch, PrivacyKnobs, SplitEnds, load_optimizer_tensors, optimizer_tensors, set_part_adapter_tensors
 
 log = logging.getLogger("fedllm.client")
@@ -44,11 +45,19 @@ LORA_KEYS = ("r", "lora_alpha", "lora_dropout", "target_modules", "bias", "task_
 PROGRESS_FILE = "progress.json"
 ENDS_FILE = "ends.safetensors"  # the ends' LoRA and AdamW state after the last completed step
 PRIVATE_ENDS_FILE = "private_ends.safetensors"  # --split_private_ends: the ends that never leave
+RECEIPT_BYTES = 4096  # the server's JSON receipt of a chunk
 STEP_ATTEMPTS = 4  # a step's attempts in all, when the server drops it from its batch again and again
 
 
 class SplitProtocolError(RuntimeError):
     """The server's answer to a split message is not the tensor it must be."""
+
+
+def _json_object(body: bytes) -> object:
+    try:
+        return json.loads(body)
+    except (ValueError, RecursionError):
+        return None
 
 
 def tokenize_sft(dataset: Any, tokenizer: Any, seq_length: int) -> list[tuple[list[int], list[int]]]:
@@ -174,25 +183,54 @@ class SplitTrainer:
     def _step(self, ends: SplitEnds, round_number: int, step: int) -> float:
         batch = self.batch(round_number, step)
         hidden_a, mask = ends.head(batch)
-        wire = self.federation.wire_dtype
-        limit = self.shape.max_bytes()
-        forward = encode_forward(hidden_a, mask, wire)
+        shape = tuple(hidden_a.shape)
+        forward = self._encode("forward", round_number, step, {"hidden": hidden_a, **mask.tensors()})
         for attempt in range(1, STEP_ATTEMPTS + 1):
-            answer = self.client.split_exchange("forward", round_number, step, forward, limit)
-            hidden_b = self._decode(answer, "hidden", tuple(hidden_a.shape))
+            hidden_b = self._exchange("forward", round_number, step, forward, shape)
             loss, grad_b = ends.tail(hidden_b, batch.labels)
             try:
-                answer = self.client.split_exchange("backward", round_number, step,
-                                                    encode_tensor("grad", grad_b, wire), limit)
+                grad_a = self._exchange("backward", round_number, step,
+                                        self._encode("backward", round_number, step, {"grad": grad_b}), shape)
             except ServerError as exc:
                 if exc.status != 409 or exc.error != StepDropped.error or attempt == STEP_ATTEMPTS:
                     raise
                 self._redo(ends, round_number, step, attempt, exc.detail)
                 continue
-            ends.head_backward(self._decode(answer, "grad", tuple(hidden_a.shape)))
+            ends.head_backward(grad_a)
             log.debug("split: round %d step %d loss %.4f", round_number, step, loss)
             return loss
         raise AssertionError("unreachable")
+
+    def _encode(self, kind: str, round_number: int, step: int, tensors: dict[str, torch.Tensor]) -> list[bytes]:
+        """A message's bodies: one, or with --split_sequence_chunk its chunks (fedllm.split.chunks)."""
+        wire, size = self.federation.wire_dtype, self.federation.split_sequence_chunk
+        if size:
+            return encode_chunks(tensors, size, wire, kind, self.args.client_id, round_number, step)
+        if kind == "forward":
+            mask = MaskInfo(tensors["starts"], tensors["lengths"], tensors["position_ids"])
+            return [encode_forward(tensors["hidden"], mask, wire)]
+        return [encode_tensor("grad", tensors["grad"], wire)]
+
+    def _exchange(self, kind: str, round_number: int, step: int, bodies: list[bytes],
+                  expected: tuple[int, ...]) -> torch.Tensor:
+        """Send a message's bodies; the server's answer (h_B to a forward, g_A to a backward), checked."""
+        name, size = ("hidden" if kind == "forward" else "grad"), self.federation.split_sequence_chunk
+        try:
+            if not size:
+                answer = self.client.split_exchange(kind, round_number, step, bodies[0], self.shape.max_bytes())
+                return decode_tensor(answer, name, self.shape, expected).float()
+            for index, body in enumerate(bodies[:-1]):
+                receipt = self.client.split_exchange(kind, round_number, step, body, RECEIPT_BYTES)
+                expected_receipt = {"round": round_number, "step": step, "chunk": index, "chunks": len(bodies)}
+                if _json_object(receipt) != expected_receipt:
+                    raise MessageError(f"chunk {index} of {len(bodies)} was not acknowledged as such: "
+                                       f"{receipt[:200]!r}")
+            answer = self.client.split_exchange(kind, round_number, step, bodies[-1],
+                                                len(bodies) * (self.shape.max_bytes(size) + 8))
+            return decode_answer(answer, name, self.shape, size, expected, kind, self.args.client_id, round_number,
+                                 step).float()
+        except MessageError as exc:
+            raise SplitProtocolError(f"the server's split answer is not acceptable: {exc}") from None
 
     def _redo(self, ends: SplitEnds, round_number: int, step: int, attempt: int, why: str) -> None:
         """Before a dropped step's next attempt: its tail gradients discarded (nothing was stepped), and the server
@@ -205,12 +243,6 @@ class SplitTrainer:
         log.warning("split: step %d of round %d was dropped by the server (%s); redoing it (attempt %d of %d)",
                     step, round_number, why, attempt + 1, STEP_ATTEMPTS,
                     extra={"event": "split_step_redo", "round": round_number, "step": step, "attempt": attempt + 1})
-
-    def _decode(self, body: bytes, name: str, expected: tuple[int, ...]) -> torch.Tensor:
-        try:
-            return decode_tensor(body, name, self.shape, expected).float()
-        except MessageError as exc:
-            raise SplitProtocolError(f"the server's split answer is not acceptable: {exc}") from None
 
     # --- durability ---
     def _save_progress(self, ends: SplitEnds, round_number: int, losses: list[float]) -> None:

@@ -11,7 +11,7 @@ from typing import Any
 
 FED_MODES = ("lora", "split")
 # How the server groups the clients' steps, not what a step computes: an operator may change it on a restart.
-SPLIT_OPERATIONAL = frozenset({"split_batch_wait"})
+SPLIT_OPERATIONAL = frozenset({"split_batch_wait", "split_sequence_chunk"})
 
 
 @dataclass
@@ -62,6 +62,14 @@ class SplitArguments:
                           "saves no time, and it makes a slow client redo its steps). See docs/split_learning.md."},
     )
 
+    split_sequence_chunk: int = field(
+        default=0,
+        metadata={"help": "--fed_mode split: send every hidden-state and gradient message, and its answer, in chunks of "
+                          "at most this many tokens of the sequence, each its own checked safetensors body (for long "
+                          "sequences: bounded request bodies). 0 = off: one body per message. Served by /v1/config; "
+                          "the result is the same either way. See docs/split_learning.md."},
+    )
+
     @property
     def split_enabled(self: Any) -> bool:
         return self.fed_mode == "split"
@@ -79,6 +87,8 @@ class SplitArguments:
             value = getattr(self, name)
             if not (value >= 0 and math.isfinite(value)):
                 problems.append(f"--{name} must be a finite number >= 0, got {value}")
+        if self.split_sequence_chunk < 0:
+            problems.append(f"--split_sequence_chunk must be >= 0 (0 = off), got {self.split_sequence_chunk}")
         if self.task != "sft":
             problems.append("--fed_mode split trains SFT only (--task sft)")
         if self.dp != "off":

@@ -30,6 +30,14 @@ class StepDropped(FederationError):
     error = "split step dropped"
 
 
+class ChunkOutOfOrder(FederationError):
+    """A chunk of a chunked split message (``--split_sequence_chunk``) that is not the next one of the message being
+    received: bound to another message, missing its predecessors, a resent chunk with another body, or no message
+    of that step being received."""
+
+    error = "split chunk out of order"
+
+
 class MalformedActivations(FederationError):
     """Not a safetensors body, or not the tensors of a split message."""
 
@@ -51,6 +59,7 @@ SPLIT_ERROR_STATUS: dict[type[FederationError], int] = {
     InvalidSplitStep: 400,
     StepOutOfOrder: 409,
     StepDropped: 409,
+    ChunkOutOfOrder: 409,
     MalformedActivations: 400,
     InvalidActivations: 422,
     SplitMessageTooLarge: 413,

@@ -48,10 +48,12 @@ class MessageShape:
     def dtype(self) -> torch.dtype:
         return WIRE_DTYPES[DTYPE_CODE[self.wire_dtype]][0]
 
-    def max_bytes(self) -> int:
-        """The largest acceptable body: MAX_ROWS full rows of hidden states and positions."""
+    def max_bytes(self, tokens: int | None = None) -> int:
+        """The largest acceptable body: MAX_ROWS rows of ``tokens`` (default ``--seq_length``) hidden states and
+        positions."""
         element = WIRE_DTYPES[DTYPE_CODE[self.wire_dtype]][1]
-        return MAX_ROWS * self.seq_length * (self.hidden_size * element + 8) + MAX_ROWS * 16 + HEADER_SLACK
+        tokens = self.seq_length if tokens is None else tokens
+        return MAX_ROWS * tokens * (self.hidden_size * element + 8) + MAX_ROWS * 16 + HEADER_SLACK
 
 
 def _parse(body: bytes, names: frozenset[str]) -> dict[str, torch.Tensor]:

@@ -54,6 +54,7 @@ from ..server.errors import NoOpenRound
 from ..server.metrics import instruments
 from ..server.rounds import RoundEngine
 from ..server.store import RoundRow
+from .chunks import Binding, ChunkAssembler, encode_answer, read_binding
 from .errors import InvalidActivations, MalformedActivations, StepDropped, StepOutOfOrder
 from .messages import MessageError, MessageShape, decode_forward, decode_tensor, encode_tensor
 from .model import MIDDLE, SERVER_PARTS, MaskInfo, SplitPlan, build_part_model
@@ -170,6 +171,9 @@ class MiddleService:
         # client -> (round, step, why): its forward was discarded without a step; its backward is told so
         self.dropped: dict[str, tuple[int, int, str]] = {}
         self.lock = threading.Condition()
+        self.chunk_size = int(config.split_sequence_chunk)
+        self.assembler = ChunkAssembler(self.shape, self.chunk_size, PENDING_STEP_TIMEOUT, self.check_step) if (
+            self.chunk_size) else None
         if (self.folder / CHECKPOINT).exists():
             self._restore()
         else:
@@ -192,12 +196,7 @@ class MiddleService:
         hidden_a, mask = self._decode(lambda: decode_forward(body, self.shape))
         with self.lock:
             self._tend()
-            done = self._done(client_id, round_number)
-            if step <= done:
-                raise StepOutOfOrder(f"step {step} of round {round_number} is done (a replay); the next is {done + 1}")
-            if step != done + 1 or step > self.config.max_steps:
-                raise StepOutOfOrder(f"step {step} is not the next one: send step {done + 1} of "
-                                     f"{self.config.max_steps}")
+            self._check_next(client_id, round_number, step)
             self._drop(client_id)  # its earlier forward of this step, replaced
             self.dropped.pop(client_id, None)  # a dropped step, redone
             member = Member(client_id, round_number, step, hidden_a, mask)
@@ -225,19 +224,9 @@ class MiddleService:
         sha = hashlib.sha256(body).hexdigest()
         with self.lock:
             self._tend()
-            member = self.steps.get(client_id)
-            if member is None or member.state != COMPUTED or (member.round, member.step) != (round_number, step):
-                answer = self.answers.get(client_id)
-                if answer is not None and (answer.round, answer.step, answer.request_sha256) == (
-                        round_number, step, sha):
-                    return answer.body  # the same request again: its answer was lost on the way
-                dropped = self.dropped.get(client_id)
-                if dropped is not None and dropped[:2] == (round_number, step):
-                    raise StepDropped(f"step {step} of round {round_number} was {dropped[2]}; the step is not done "
-                                      "and nothing of it was applied: send its forward again")
-                raise StepOutOfOrder(f"no forward of step {step} of round {round_number} is pending (never sent, "
-                                     "already answered with another body, or lost in a server restart); send its "
-                                     "forward first")
+            member = self._pending(client_id, round_number, step, sha)
+            if isinstance(member, bytes):
+                return member  # the same request again: its answer was lost on the way
             rows, length = member.hidden_a.shape[:2]
             grad_b = self._decode(lambda: decode_tensor(body, "grad", self.shape, (rows, length, self.shape.hidden_size)))
             batch = member.batch
@@ -262,6 +251,60 @@ class MiddleService:
             else:
                 self._start_clock(batch, time.monotonic())
             return answer
+
+    def receive(self, kind: str, client_id: str, round_number: int, step: int,
+                body: bytes) -> tuple[Binding | None, bytes | None]:
+        """The whole message a request's body completes: the body itself (no chunks), or with
+        ``--split_sequence_chunk`` the chunk's binding and the whole message once its last chunk came (else None)."""
+        if self.assembler is None:
+            if self._decode(lambda: read_binding(body)) is not None:
+                raise MalformedActivations("this federation sends each split message as one body "
+                                           "(--split_sequence_chunk 0, served by /v1/config); this body is a chunk")
+            return None, body
+        return self._decode(lambda: self.assembler.accept(kind, client_id, round_number, step, body))
+
+    def respond(self, kind: str, client_id: str, round_number: int, step: int, answer: bytes) -> bytes:
+        """The answer as sent: the body itself, or with chunks cut and framed like the request."""
+        if self.assembler is None:
+            return answer
+        return encode_answer(answer, "hidden" if kind == "forward" else "grad", self.chunk_size,
+                             self.config.wire_dtype, kind, client_id, round_number, step)
+
+    def check_step(self, kind: str, client_id: str, round_number: int, step: int) -> None:
+        """Refuse, as :meth:`forward` or :meth:`backward` would, a message for a step that cannot be taken now (a
+        chunked message's chunk 0 is checked with this before it is kept)."""
+        self._check_round(client_id, round_number)
+        with self.lock:
+            self._tend()
+            if kind == "forward":
+                self._check_next(client_id, round_number, step)
+            else:
+                self._pending(client_id, round_number, step, None)
+
+    def _check_next(self, client_id: str, round_number: int, step: int) -> None:
+        done = self._done(client_id, round_number)
+        if step <= done:
+            raise StepOutOfOrder(f"step {step} of round {round_number} is done (a replay); the next is {done + 1}")
+        if step != done + 1 or step > self.config.max_steps:
+            raise StepOutOfOrder(f"step {step} is not the next one: send step {done + 1} of {self.config.max_steps}")
+
+    def _pending(self, client_id: str, round_number: int, step: int, sha: str | None) -> Member | bytes:
+        """The step's computed forward awaiting this backward; or the answer of the same backward again (``sha``
+        None: any body may be that retry); else the refusal."""
+        member = self.steps.get(client_id)
+        if member is not None and member.state == COMPUTED and (member.round, member.step) == (round_number, step):
+            return member
+        answer = self.answers.get(client_id)
+        if answer is not None and (answer.round, answer.step) == (round_number, step) and sha in (
+                None, answer.request_sha256):
+            return answer.body
+        dropped = self.dropped.get(client_id)
+        if dropped is not None and dropped[:2] == (round_number, step):
+            raise StepDropped(f"step {step} of round {round_number} was {dropped[2]}; the step is not done "
+                              "and nothing of it was applied: send its forward again")
+        raise StepOutOfOrder(f"no forward of step {step} of round {round_number} is pending (never sent, "
+                             "already answered with another body, or lost in a server restart); send its "
+                             "forward first")
 
     # ------------------------------------------------------------------ batches (all under self.lock)
     def _join(self, member: Member, sampled: list[str], arrived: float) -> None:
