@@ -51,6 +51,23 @@ def message_bytes(wire_dtype: str, batch: int, tokens: int, hidden: int) -> dict
             "backward answer": tensor}
 
 
+def chunked_bytes(wire_dtype: str, batch: int, tokens: int, hidden: int, chunk: int) -> dict[str, int]:
+    """--split_sequence_chunk: the bytes of one step's four messages as chunks (the answers framed), the requests
+    per step and the largest body."""
+    import torch
+
+    from fedllm.split.chunks import encode_chunks, frame
+    from fedllm.split.model import MaskInfo
+
+    hidden_states = torch.zeros(batch, tokens, hidden)
+    mask = MaskInfo.from_attention_mask(torch.ones(batch, tokens, dtype=torch.long))
+    forward = encode_chunks({"hidden": hidden_states, **mask.tensors()}, chunk, wire_dtype, "forward", "c", 1, 1)
+    grad = encode_chunks({"grad": hidden_states}, chunk, wire_dtype, "backward", "c", 1, 1)
+    answer = frame(encode_chunks({"hidden": hidden_states}, chunk, wire_dtype, "forward answer", "c", 1, 1))
+    return {"per step": sum(map(len, forward)) + 2 * len(answer) + sum(map(len, grad)),
+            "requests": len(forward) + len(grad), "largest request body": max(map(len, forward))}
+
+
 def seven_b_config(layers: int | None = None):
     from transformers import LlamaConfig
 
@@ -220,6 +237,20 @@ def run(out_dir: Path, quick: bool) -> bool:
         bytes_table.rows.append([wire, *[f"{v / (1 << 20):.2f} MiB" for v in sizes.values()],
                                  per_step[wire] / (1 << 20), f"{10 * per_step[wire] / lora_round:.1f}×"])
 
+    chunk_table = Table(f"Sequence chunks (--split_sequence_chunk), 7B shape, batch {BATCH} × {TOKENS} tokens, bf16",
+                        ["chunk tokens", "requests per step", "largest request body MiB", "per step MiB",
+                         "more than unchunked"])
+    chunked = {}
+    for chunk in (0, 256, 128, 64):
+        if chunk:
+            sizes = chunked_bytes("bfloat16", BATCH, TOKENS, hidden, chunk)
+        else:
+            whole = message_bytes("bfloat16", BATCH, TOKENS, hidden)
+            sizes = {"per step": sum(whole.values()), "requests": 2, "largest request body": whole["forward request"]}
+        chunked[chunk] = sizes
+        chunk_table.rows.append([chunk or "off", sizes["requests"], sizes["largest request body"] / (1 << 20),
+                                 sizes["per step"] / (1 << 20), f"{sizes['per step'] - per_step['bfloat16']:,} B"])
+
     middle_blocks = len(plan.layers("middle"))
     scale = middle_blocks * (BATCH * TOKENS) / (measured_batch * measured_tokens)
     time_table = Table("Server time per split step, 7B shape, p = q = 2 (CPU, fp32, extrapolated)",
@@ -236,10 +267,11 @@ def run(out_dir: Path, quick: bool) -> bool:
         "blocks and tokens; on a GPU it is a small fraction of it.",
     ]
     data: dict[str, Any] = {"bytes_per_step": per_step, "lora_round_bytes_bf16": lora_round,
-                            "block_seconds": seconds, "seven_b_parameters": counts}
+                            "block_seconds": seconds, "seven_b_parameters": counts, "chunked_bytes_bf16": chunked}
     write_results(NAME, TITLE, out_dir, quick=quick, params={"batch": BATCH, "tokens": TOKENS, "head": HEAD,
                                                              "tail": TAIL},
-                  tables=[bytes_table, time_table, memory_table], targets=targets, notes=notes, data=data)
+                  tables=[bytes_table, chunk_table, time_table, memory_table], targets=targets, notes=notes,
+                  data=data)
     return True
 
 
