@@ -85,7 +85,9 @@ def read_binding(body: bytes) -> Binding | None:
     except (KeyError, TypeError, ValueError):
         raise MessageError(f"a chunk's metadata must carry {list(BINDING_KEYS)} (the numbers as integers)",
                            malformed=True) from None
-    return Binding(str(values["kind"]), str(values["client"]), **numbers)
+    if not all(isinstance(values[key], str) and len(values[key]) <= 64 for key in ("kind", "client")):
+        raise MessageError("a chunk's kind and client must be strings of at most 64 characters", malformed=True)
+    return Binding(values["kind"], values["client"], **numbers)
 
 
 def cut(tensors: Mapping[str, torch.Tensor], size: int) -> list[dict[str, torch.Tensor]]:

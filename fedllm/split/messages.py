@@ -6,6 +6,9 @@
 * backward request (client → server): ``grad`` [B, T, H] (∂loss/∂h_B), of the forward's shape.
 * backward answer  (server → client): ``grad`` [B, T, H] (∂loss/∂h_A).
 
+With ``--split_sequence_chunk`` each of them travels cut along T (:mod:`fedllm.split.chunks`), and is this message
+again once assembled.
+
 Nothing is unpickled: safetensors' own parser reads the bytes, then every name, dtype, shape, range and value is
 checked against what the federation serves (``hidden_size``, ``--seq_length``, the model's positions).
 """

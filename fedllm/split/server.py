@@ -28,6 +28,10 @@ updates: exact. With W = 0 (the default) every forward is its own batch of one, 
 interleave freely: a forward made before another client's step changed the middle is recomputed from the kept
 h_A under the current weights before its backward (autograd would refuse the updated weights).
 
+With ``--split_sequence_chunk`` a message arrives in chunks (:class:`~fedllm.split.chunks.ChunkAssembler`, chunk 0
+checked with :meth:`MiddleService.check_step` like the whole message); the assembled message is the unchunked one,
+taken by the same ``forward``/``backward``, and :meth:`MiddleService.respond` cuts the answer the same way.
+
 The middle's LoRA, AdamW state and every client's progress are one safetensors file written atomically every
 ``--save_model_freq`` optimizer steps of the middle (one per batch; with W = 0 one per client step) and whenever
 a step completes a client's round; a restarted server continues from it (clients ask ``next_step`` and go on).
