@@ -233,15 +233,16 @@ class ServerTransport:
         return response.data
 
 
+@pytest.mark.parametrize("chunk", [0, 7])  # 7: every message in sequence chunks (--split_sequence_chunk)
 def test_a_member_dropped_from_its_batch_redoes_the_step_in_process_and_every_loss_is_exact(
-        tiny4_model_dir: Path, tmp_path: Path, caplog) -> None:
+        tiny4_model_dir: Path, tmp_path: Path, caplog, chunk: int) -> None:
     from fedllm.adapter import initial_adapter
     from fedllm.config import ClientArguments
     from fedllm.data import write_demo_data
     from fedllm.split.client import ENDS_FILE, PROGRESS_FILE, SplitTrainer
     from fedllm.split.step import add_gradients
 
-    federation = _federation(tiny4_model_dir, tmp_path / "state", split_batch_wait=4.0)
+    federation = _federation(tiny4_model_dir, tmp_path / "state", split_batch_wait=4.0, split_sequence_chunk=chunk)
     app = create_app(federation, start_ticker=False)
     service = app.extensions["fedllm"]["split"]
     schedule: list[list[tuple[str, int, bool]]] = []  # each middle step's members: (client, step, contributed)
