@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import threading
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -18,7 +19,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from safetensors.torch import save_file
-from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
+from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
 from .algorithms.base import Tensors
 
@@ -51,6 +52,25 @@ AdapterSpec = dict[str, tuple[int, ...]]
 
 class ModelNotFoundError(ValueError):
     """``--model_name_or_path`` names no model this machine can read."""
+
+
+# transformers' from_pretrained disables weight tying by swapping ``PreTrainedModel.tie_weights`` class-wide for
+# the duration of the load (initialization.no_tie_weights). Two threads loading at once can each restore the
+# other's swap, leaving tying off for the whole process: every later tied model (GPT-2's LM head) comes out
+# untied. Every model this package builds goes through this lock.
+_MODEL_BUILD_LOCK = threading.RLock()
+
+
+def load_causal_lm(model_name_or_path: str | Path, **kwargs) -> PreTrainedModel:
+    """``AutoModelForCausalLM.from_pretrained``, one thread of the process at a time (see _MODEL_BUILD_LOCK)."""
+    with _MODEL_BUILD_LOCK:
+        return AutoModelForCausalLM.from_pretrained(model_name_or_path, **kwargs)
+
+
+def causal_lm_from_config(model_config: PretrainedConfig, **kwargs) -> PreTrainedModel:
+    """``AutoModelForCausalLM.from_config`` (its post_init ties weights), under the same lock."""
+    with _MODEL_BUILD_LOCK:
+        return AutoModelForCausalLM.from_config(model_config, **kwargs)
 
 
 def load_model_config(model_name_or_path: str) -> PretrainedConfig:
@@ -109,7 +129,7 @@ def build_lora_config(
 def adapter_spec(model_config: PretrainedConfig, lora_config: LoraConfig) -> AdapterSpec:
     """Names and shapes of the adapter tensors, computed on the meta device (no weights)."""
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(model_config)
+        model = causal_lm_from_config(model_config)
         peft_model = get_peft_model(model, lora_config)
     return {name: tuple(t.shape) for name, t in get_peft_model_state_dict(peft_model).items()}
 

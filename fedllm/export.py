@@ -23,7 +23,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from peft.utils import load_peft_weights
 from safetensors import safe_open
 
-from .adapter import save_peft_adapter, set_adapter_tensors
+from .adapter import load_causal_lm, save_peft_adapter, set_adapter_tensors
 from .algorithms.base import Tensors
 from .server.versions import STATE_GLOBAL_PREFIX
 
@@ -177,13 +177,13 @@ def merge_adapter(source: AdapterSource, output_dir: str | Path, *, model_name_o
     The result loads with ``AutoModelForCausalLM.from_pretrained(output_dir)``; the tokenizer is saved with it.
     The merge is done in float32, then the weights are cast to ``dtype``.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     base_path = model_name_or_path or source.base_model
     if not base_path:
         raise ValueError("the adapter does not name its base model; pass --model_name_or_path")
     output_dir = Path(output_dir)
-    base = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32)
+    base = load_causal_lm(base_path, dtype=torch.float32)
     merged = with_adapter(base, source).merge_and_unload()
     merged.to(MERGE_DTYPES[dtype]).save_pretrained(str(output_dir))
     AutoTokenizer.from_pretrained(base_path).save_pretrained(str(output_dir))

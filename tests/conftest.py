@@ -34,6 +34,19 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 @pytest.fixture(autouse=True)
+def _weight_tying_stays_on() -> Iterator[None]:
+    """No test leaves transformers' tie_weights swapped out (two unlocked loads at once do: fedllm.adapter)."""
+    from transformers import PreTrainedModel
+
+    original = PreTrainedModel.tie_weights
+    yield
+    if PreTrainedModel.tie_weights is not original:
+        PreTrainedModel.tie_weights = original  # the later tests get tied models again
+        pytest.fail("this test left PreTrainedModel.tie_weights disabled: models were built in two threads at once "
+                    "outside fedllm.adapter's lock")
+
+
+@pytest.fixture(autouse=True)
 def _units_stay_units(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
     """A unit test may not train (TRL/transformers ``Trainer.train``) or start a server or client process."""
     if request.node.get_closest_marker("integration") is not None:

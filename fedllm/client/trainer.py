@@ -22,10 +22,11 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from peft import LoraConfig, get_peft_model
-from transformers import AutoModelForCausalLM, AutoTokenizer, PrinterCallback, Trainer, TrainerCallback
+from transformers import AutoTokenizer, PrinterCallback, Trainer, TrainerCallback
 
 from ..adapter import (
     get_adapter_tensors,
+    load_causal_lm,
     load_model_config,
     model_fingerprint,
     set_adapter_tensors,
@@ -181,7 +182,7 @@ class LocalTrainer:
             kwargs["device_map"] = {"": self.device}
         else:
             kwargs["dtype"] = torch.bfloat16 if self.bf16 else torch.float32
-        model = AutoModelForCausalLM.from_pretrained(model_path, **kwargs)
+        model = load_causal_lm(model_path, **kwargs)
         if kwargs.get("quantization_config") is not None:
             from peft import prepare_model_for_kbit_training
 

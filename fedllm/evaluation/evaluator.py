@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from ..adapter import set_adapter_tensors
+from ..adapter import load_causal_lm, set_adapter_tensors
 from ..client.trainer import resolve_device
 from ..config import EvaluationArguments
 from ..data import FORMATS, apply_template, detect_format, format_response
@@ -70,7 +70,7 @@ class Evaluator:
 
     def __init__(self, model_name_or_path: str, *, lora_config: Any = None, device: str = "auto"):
         from peft import get_peft_model
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoTokenizer
 
         self.device = resolve_device(device)
         on_gpu = self.device.startswith("cuda")
@@ -78,7 +78,7 @@ class Evaluator:
         self.tokenizer = AutoTokenizer.from_pretrained(model_name_or_path)
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        model = AutoModelForCausalLM.from_pretrained(model_name_or_path, dtype=dtype).to(self.device)
+        model = load_causal_lm(model_name_or_path, dtype=dtype).to(self.device)
         self.model = get_peft_model(model, lora_config) if lora_config is not None else model
         self.model.eval()
 

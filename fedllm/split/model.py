@@ -34,8 +34,10 @@ from pathlib import Path
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors import safe_open
-from transformers import AutoModelForCausalLM, PretrainedConfig
+from transformers import PretrainedConfig
 from transformers.cache_utils import Cache
+
+from ..adapter import causal_lm_from_config
 
 HEAD, MIDDLE, TAIL = "head", "middle", "tail"
 CLIENT_PARTS = frozenset({HEAD, TAIL})
@@ -211,7 +213,7 @@ def build_part_model(model_path: str | Path, model_config: PretrainedConfig, pla
     PEFT's LoRA. LoRA tensors of the held parts are real and trainable; the others stay on meta, frozen."""
     parts = set(parts)
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(model_config, dtype=dtype)
+        model = causal_lm_from_config(model_config, dtype=dtype)
     architecture = plan.architecture
     weights = _as_model_names(load_part_weights(model_path, plan, parts, dtype), model, architecture)
     if TAIL in parts and "lm_head.weight" not in weights and getattr(model_config, "tie_word_embeddings", False):
