@@ -211,7 +211,7 @@ class SimulatedClients(ClientPool):
 
     def use_client(self, client_id: str, federation: Federation | FederationBinding) -> None:
         """Point the shared trainer at ``client_id``: its dataset, sample count and state folder."""
-        self.trainer.use_client(*self.datasets[client_id], self.client_state(client_id, federation))
+        self.trainer.use_client(client_id, *self.datasets[client_id], self.client_state(client_id, federation))
 
     def train(self, client_id: str, federation: Federation | FederationBinding, global_tensors: Mapping[str, Any],
               round_number: int, learning_rate: float, max_steps: int, clip_norm: float | None = None

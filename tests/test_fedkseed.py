@@ -209,3 +209,42 @@ def test_a_client_drawing_other_directions_refuses(tmp_path: Path) -> None:
             seed_pool({**served, POOL: torch.tensor([pool])})
     with pytest.raises(ModelMismatchError, match="distribution"):
         seed_pool({**served, PROBS: torch.full((k,), 1.0)})
+
+
+def test_step_draws_are_the_clients_own_and_reproducible() -> None:
+    from fedllm.algorithms.fedkseed import step_generator
+
+    def draws(client: str, round_number: int, seed: int = 42) -> list[int]:
+        return torch.randint(0, 4096, (32,), generator=step_generator(client, round_number, seed)).tolist()
+
+    assert draws("alice", 3) == draws("alice", 3)  # a round trained again takes the same steps
+    assert len({tuple(draws(*case)) for case in [("alice", 3), ("bob", 3), ("alice", 4), ("alice", 3, 7)]}) == 4
+
+
+@pytest.mark.integration
+def test_the_clients_of_a_round_step_on_their_own_seeds(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """Two simulated clients, one shared trainer and --seed, the same round: their uploads name other seeds."""
+    import dataclasses
+
+    from safetensors.torch import load_file
+
+    from fedllm.config import ClientArguments, SimulatedClientArguments
+    from fedllm.data import write_demo_data
+    from fedllm.server.store import Store
+    from fedllm.simulation import SimulatedClients
+
+    Federation.initialize(make_config(tiny_model_dir, kseed_k=4096, max_steps=6, seq_length=64), tmp_path / "state")
+    federation = Federation(Store(tmp_path / "state"))
+    try:
+        data = write_demo_data(tmp_path / "data", num_clients=2, rows_per_client=4, seed=3)
+        sources = {f"client_{i}": str(data[i]) for i in range(2)}
+        args = ClientArguments(**dataclasses.asdict(SimulatedClientArguments(batch_size=2, quiet=True)),
+                               output_dir=str(tmp_path))
+        clients = SimulatedClients.load(federation.client_config(), args, sources, tmp_path / "clients")
+        served = decode_file(federation.latest_global().path)
+        drawn = {cid: load_file(clients.train(cid, federation, served, 1, 1e-3, 6).update_path)[INDEX].tolist()
+                 for cid in sources}
+    finally:
+        federation.store.close()
+    assert all(1 <= len(d) <= 6 for d in drawn.values())
+    assert drawn["client_0"] != drawn["client_1"]

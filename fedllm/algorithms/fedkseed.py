@@ -9,8 +9,8 @@ parameters, generated the same way on every machine (:func:`direction`). The glo
 with ``w₀`` the base model every client has and ``A ∈ R^K`` the accumulated scalars, the federation's served
 "adapter" (``kseed.A``, 16 KiB at K = 4096; with FedKSeed-Pro also ``kseed.probs``, 16 KiB more). A client rebuilds ``w`` from ``w₀`` and ``A``, then takes τ
 (``--max_steps``) zeroth-order steps, each on a seed ``s`` drawn from the pool (uniformly, or with
-FedKSeed-Pro's probabilities ``kseed.probs``): two forward passes give ``g = (L(w + εz) − L(w − εz)) / 2ε``,
-no autograd, inference memory only; ``w ← w − η g z`` and ``c[s] += η g``. It uploads the pairs
+FedKSeed-Pro's probabilities ``kseed.probs``; each client and round its own draws, :func:`step_generator`):
+two forward passes give ``g = (L(w + εz) − L(w − εz)) / 2ε``, no autograd, inference memory only; ``w ← w − η g z`` and ``c[s] += η g``. It uploads the pairs
 ``(s, c[s])`` of the seeds it used (:data:`INDEX`, :data:`VALUE`): 8 bytes a step. The server adds them
 with the federation's weights, FedAvg on ``A``: ``A ← A + Σ_i (n_i / n_S) c_i``.
 
@@ -26,6 +26,7 @@ generator (Philox) would give other numbers. The served ``kseed.probe`` holds th
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -88,6 +89,14 @@ def zeroth_order_step(params: Sequence[tuple[str, torch.Tensor]], seed: int, eps
     gradient = (plus - minus) / (2 * epsilon)
     perturb(params, seed, epsilon - learning_rate * gradient)  # back to w, then the step, in one pass
     return learning_rate * gradient
+
+
+def step_generator(client_id: str, round_number: int, local_seed: int) -> torch.Generator:
+    """The generator a client draws its round's seed indices s with: seeded by SHA-256 of (client id, round, its
+    ``--seed``), so the clients of one round take independent steps (one shared seed would make every client of
+    the round walk the same directions), and a client that trains a round again draws the same."""
+    digest = hashlib.sha256(f"{client_id}\0{round_number}\0{local_seed}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
 
 
 def draw_pool_seed(seed: int) -> int:

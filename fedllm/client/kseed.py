@@ -35,6 +35,7 @@ from ..algorithms.fedkseed import (
     pool_of,
     probe,
     rebuild,
+    step_generator,
     zeroth_order_step,
 )
 from ..algorithms.fedkseed_config import FedKSeedConfig
@@ -117,7 +118,7 @@ class ZerothOrderTrainer(LocalTrainer):
         metrics = self._evaluate(trainer) if self.eval_dataset is not None else {}
         self.model.eval()
         batches = itertools.cycle(trainer.get_train_dataloader())
-        draw = torch.Generator().manual_seed(self.args.seed * 100003 + round_number)
+        draw = step_generator(self.client_id, round_number, self.args.seed)
         moved: dict[int, float] = {}
         losses = []
         with torch.no_grad():

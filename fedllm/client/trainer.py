@@ -142,6 +142,7 @@ class LocalTrainer:
         _check_dp_sgd(args, self.federation)
         # Refuses another federation's state before anything is loaded.
         self.client_state = ClientState(state_dir or Path(args.output_dir), FederationBinding.of(server_config))
+        self.client_id = args.client_id or ""  # --client_id over HTTP; the simulation sets it (use_client)
         model_path = args.model_name_or_path or self.federation.model_name_or_path
         fingerprint = model_fingerprint(load_model_config(model_path))
         if fingerprint != server_config["model_fingerprint"]:
@@ -204,8 +205,10 @@ class LocalTrainer:
         """
         return _hold_out(self._load_data(source), self.args.local_eval_fraction, self.args.seed)
 
-    def use_client(self, train_dataset: Dataset, eval_dataset: Dataset | None, client_state: ClientState) -> None:
+    def use_client(self, client_id: str, train_dataset: Dataset, eval_dataset: Dataset | None,
+                   client_state: ClientState) -> None:
         """Train as another data owner from now on (the simulation shares one base model across clients)."""
+        self.client_id = client_id
         self.train_dataset, self.eval_dataset = train_dataset, eval_dataset
         self.num_samples = len(train_dataset)
         self.client_state = client_state
