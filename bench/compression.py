@@ -64,8 +64,8 @@ def throughput(quick: bool) -> tuple[Table, dict[str, Any]]:
     import torch
     from safetensors.torch import load
 
-    from fedllm.compression.codecs import get_codec, part_name
-    from fedllm.compression.updates import compress_with_feedback, encode_body
+    from fedllm.compression.codecs import get_codec
+    from fedllm.compression.updates import compress_with_feedback, encode_body, unpack
     from fedllm.threads import torch_threads
     from fedllm.wire import encode
 
@@ -88,9 +88,7 @@ def throughput(quick: bool) -> tuple[Table, dict[str, Any]]:
             return encode_body(codec, compress_with_feedback(codec, delta, {}, "float32")[0], {})
 
         def decode_case(label=label, codec=codec) -> dict[str, Any]:
-            parts = load(bodies[label])
-            names = list(codec.layout(1, "float32"))
-            return {k: codec.decode({p: parts[part_name(k, p)] for p in names}, shape) for k, shape in spec.items()}
+            return unpack(codec, load(bodies[label]), spec, "float32")
 
         cases[f"{label} encode"] = encode_case
         cases[f"{label} decode"] = decode_case
