@@ -134,6 +134,27 @@ def test_topk_keeps_the_largest_entries_exactly_and_contracts(fraction: float) -
         assert float((flat - decoded).norm() ** 2) <= (1 - k / flat.numel()) * float(flat.norm() ** 2) + 1e-9
 
 
+def test_packed_parts_are_each_tensors_slices_in_sorted_name_order() -> None:
+    """One packed tensor per part name; tensor t's part is its own slice (blocks and indices per tensor), and a
+    part whose per-tensor dtype varies is packed in the widest (top-k indices past 2³¹ − 1 entries: int64)."""
+    g = torch.Generator().manual_seed(3)
+    tensors = {"b": torch.randn(5, 7, generator=g), "a": torch.randn(130, generator=g), "c": torch.zeros(1)}
+    spec = {k: tuple(v.shape) for k, v in tensors.items()}
+    for name in CODECS:
+        codec = codec_for(name)
+        parts = encode_parts(codec, tensors, "float32")
+        layout, slices = packed_layout(codec, spec, "float32")
+        assert list(slices) == ["a", "b", "c"] and set(parts) == set(layout)
+        for part, (_, [total]) in layout.items():
+            assert parts[part].shape == (total,)
+            assert torch.equal(parts[part], torch.cat([codec.encode(tensors[k], "float32")[part].to(parts[part].dtype)
+                                                       for k in sorted(tensors)]))
+        decoded = unpack(codec, parts, spec, "float32")
+        assert all(torch.equal(decoded[k], codec.decode(codec.encode(tensors[k], "float32"), spec[k])) for k in spec)
+    wide, _ = packed_layout(codec_for("topk", fraction=1e-9), {"a": (2**31,), "b": (10,)}, "float32")
+    assert wide["idx"] == ("I64", [3 + 1]) and wide["val"] == ("F32", [3 + 1])  # ⌈2.15⌉ + 1
+
+
 def test_topk_values_travel_in_the_wire_dtype() -> None:
     parts = codec_for("topk").encode(torch.randn(100), "bfloat16")
     assert parts["val"].dtype == torch.bfloat16 and codec_for("topk").layout(100, "bfloat16")["val"] == ("BF16", [10])
