@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import io
+import json
 import math
 from pathlib import Path
 from types import SimpleNamespace
@@ -470,6 +471,23 @@ def test_an_old_version_gets_its_compressed_global_when_first_asked(open_federat
         path.unlink()
     first = fed.served_global("compressed")
     assert first == fed.served_global("compressed") and Path(first.path).is_file()
+
+
+def test_a_compressed_global_of_the_per_tensor_layout_is_rewritten_packed(open_federation) -> None:
+    """A state dir whose compressed global has two entries per adapter tensor (``"<tensor>::<part>"``, its record
+    without ``format``): the server serves the packed file instead, which the client's check accepts."""
+    fed = open_federation("int8")
+    codec = global_codec(fed.config)
+    exact, _ = load_state(fed.latest_global().state_path)
+    path, record = compressed_paths(fed.store, 0)
+    old = save({f"{k}::{p}": v for k, t in exact.items() for p, v in codec.encode(t, "float32").items()},
+               metadata={COMPRESSION_METADATA: codec.tag()})
+    path.write_bytes(old)
+    record.write_text(json.dumps({"sha256": hashlib.sha256(old).hexdigest(), "size": len(old)}))
+    served = fed.served_global("compressed")
+    assert Path(served.path).read_bytes() == encode_global(codec, exact) and served.sha256 == sha256_file(path)
+    assert json.loads(record.read_text())["format"] == 2 and fed.served_global("compressed") == served
+    assert read_compressed_global(path, codec, fed.spec).keys() == exact.keys()
 
 
 @pytest.mark.parametrize(("name", "encoding", "message"), [

@@ -45,6 +45,9 @@ from ..wire import KNOWN_DTYPE_SIZES, TORCH_DTYPES, TensorFile, WireError, parse
 from .codecs import Codec, Layout, Parts
 
 COMPRESSION_METADATA = "compression"
+# The file layout's version, recorded with each served compressed global (1: two entries per adapter tensor,
+# ``"<tensor>::<part>"``; 2: the packed parts): a server finding another rewrites the file from the master copy.
+COMPRESSED_FORMAT = 2
 RESIDUAL_PREFIX = "residual."  # error-feedback residuals in the client's state file
 
 Slices = dict[str, dict[str, tuple[int, int]]]  # tensor -> part -> [begin, end) in the packed part
