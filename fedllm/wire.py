@@ -35,7 +35,7 @@ KNOWN_DTYPE_SIZES = {
 }
 DTYPE_CODE = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
 # Dtype codes TensorFile can read into torch tensors.
-_TORCH_DTYPES: dict[str, torch.dtype] = {
+TORCH_DTYPES: dict[str, torch.dtype] = {
     **{code: dtype for code, (dtype, _) in WIRE_DTYPES.items()},
     "F64": torch.float64, "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
     "U8": torch.uint8, "BOOL": torch.bool,
@@ -212,9 +212,9 @@ class TensorFile:
         """The named tensor, in the file's dtype; read into ``out`` when it has that dtype and shape."""
         info = self.header[name]
         code = info["dtype"]
-        if code not in _TORCH_DTYPES:
+        if code not in TORCH_DTYPES:
             raise WireError(400, f"tensor {name!r}: dtype {code} cannot be read")
-        dtype = _TORCH_DTYPES[code]
+        dtype = TORCH_DTYPES[code]
         if out is not None and out.dtype == dtype and list(out.shape) == info["shape"] and out.is_contiguous():
             tensor = out
         else:
@@ -222,6 +222,22 @@ class TensorFile:
         begin, end = info["data_offsets"]
         if end > begin:
             self._read_into(tensor.view(-1).view(torch.uint8).numpy(), self._data_start + begin)
+        return tensor
+
+    def get_range(self, name: str, begin: int, end: int) -> torch.Tensor:
+        """Entries ``[begin, end)`` of the named tensor, flattened, in the file's dtype: a slice of a packed tensor
+        read without reading the rest."""
+        info = self.header[name]
+        code = info["dtype"]
+        if code not in TORCH_DTYPES:
+            raise WireError(400, f"tensor {name!r}: dtype {code} cannot be read")
+        numel = math.prod(info["shape"])
+        if not 0 <= begin <= end <= numel:
+            raise WireError(400, f"tensor {name!r}: range [{begin}, {end}) is outside its {numel} entries")
+        tensor = torch.empty(end - begin, dtype=TORCH_DTYPES[code])
+        if end > begin:
+            size = KNOWN_DTYPE_SIZES[code]
+            self._read_into(tensor.view(torch.uint8).numpy(), self._data_start + info["data_offsets"][0] + begin * size)
         return tensor
 
     def _read_into(self, buffer, offset: int) -> None:

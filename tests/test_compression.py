@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import io
+import json
 import math
 from pathlib import Path
 from types import SimpleNamespace
@@ -27,7 +28,6 @@ from fedllm.compression.codecs import (
     TopKCodec,
     get_codec,
     global_codec,
-    part_name,
 )
 from fedllm.compression.updates import (
     COMPRESSION_METADATA,
@@ -36,7 +36,9 @@ from fedllm.compression.updates import (
     encode_body,
     encode_global,
     encode_parts,
+    packed_layout,
     read_compressed_global,
+    unpack,
     validate_compressed_file,
 )
 from fedllm.config import FederationArguments, federation_changes
@@ -80,7 +82,8 @@ def test_blockwise_round_trip_is_within_the_stated_error(name: str, block_size: 
         assert {k: [str(v.dtype), list(v.shape)] for k, v in codec.encode(x, "float32").items()} == {
             k: [{"I8": "torch.int8", "U8": "torch.uint8", "F32": "torch.float32"}[code], shape]
             for k, (code, shape) in layout.items()}
-        decoded = codec.decode({p: parts[part_name("x", p)] for p in layout}, tuple(x.shape))
+        assert set(parts) == set(layout) and all(parts[p].shape == (layout[p][1][0],) for p in layout)
+        decoded = unpack(codec, parts, {"x": tuple(x.shape)}, "float32")["x"]
         flat = x.reshape(-1)
         blocks = torch.nn.functional.pad(flat, (0, -flat.numel() % block_size)).view(-1, block_size)
         bound = (blocks.abs().amax(1, keepdim=True) * codec.error_per_absmax).expand_as(blocks).reshape(-1)
@@ -132,6 +135,27 @@ def test_topk_keeps_the_largest_entries_exactly_and_contracts(fraction: float) -
         assert float((flat - decoded).norm() ** 2) <= (1 - k / flat.numel()) * float(flat.norm() ** 2) + 1e-9
 
 
+def test_packed_parts_are_each_tensors_slices_in_sorted_name_order() -> None:
+    """One packed tensor per part name; tensor t's part is its own slice (blocks and indices per tensor), and a
+    part whose per-tensor dtype varies is packed in the widest (top-k indices past 2³¹ − 1 entries: int64)."""
+    g = torch.Generator().manual_seed(3)
+    tensors = {"b": torch.randn(5, 7, generator=g), "a": torch.randn(130, generator=g), "c": torch.zeros(1)}
+    spec = {k: tuple(v.shape) for k, v in tensors.items()}
+    for name in CODECS:
+        codec = codec_for(name)
+        parts = encode_parts(codec, tensors, "float32")
+        layout, slices = packed_layout(codec, spec, "float32")
+        assert list(slices) == ["a", "b", "c"] and set(parts) == set(layout)
+        for part, (_, [total]) in layout.items():
+            assert parts[part].shape == (total,)
+            assert torch.equal(parts[part], torch.cat([codec.encode(tensors[k], "float32")[part].to(parts[part].dtype)
+                                                       for k in sorted(tensors)]))
+        decoded = unpack(codec, parts, spec, "float32")
+        assert all(torch.equal(decoded[k], codec.decode(codec.encode(tensors[k], "float32"), spec[k])) for k in spec)
+    wide, _ = packed_layout(codec_for("topk", fraction=1e-9), {"a": (2**31,), "b": (10,)}, "float32")
+    assert wide["idx"] == ("I64", [3 + 1]) and wide["val"] == ("F32", [3 + 1])  # ⌈2.15⌉ + 1
+
+
 def test_topk_values_travel_in_the_wire_dtype() -> None:
     parts = codec_for("topk").encode(torch.randn(100), "bfloat16")
     assert parts["val"].dtype == torch.bfloat16 and codec_for("topk").layout(100, "bfloat16")["val"] == ("BF16", [10])
@@ -170,7 +194,7 @@ def test_error_feedback_residual_stays_bounded_over_100_rounds(name: str) -> Non
     for _ in range(100):
         delta = {"w": torch.randn(40, 25, generator=g) * 0.01}
         parts, residual = compress_with_feedback(codec, delta, residual, "float32")
-        sent_total += codec.decode({p: parts[part_name("w", p)] for p in codec.layout(1000, "float32")}, (40, 25))
+        sent_total += unpack(codec, parts, {"w": (40, 25)}, "float32")["w"]
         trained_total += delta["w"]
         largest_delta = max(largest_delta, float(delta["w"].norm()) if name == "topk" else float(delta["w"].abs().max()))
         norms.append(float(residual["w"].norm()) if name == "topk" else float(residual["w"].abs().max()))
@@ -248,9 +272,9 @@ def test_the_server_aggregates_the_decoded_updates(name: str, open_federation) -
         body = encode_body(codec, parts, {"train_loss": "1.5"})
         assert len(body) < 0.6 * len(encode(deltas(fed, seed), "float32"))  # the tiny adapter's header is large
         assert push(fed, client, body)["accepted"]
-        decoded.append(InMemoryUpdate(client, CLIENTS[client], {
-            k: codec.decode({p: parts[part_name(k, p)] for p in codec.layout(1, "float32")}, tuple(s))
-            for k, s in fed.spec.items()}))
+        assert set(parts) == set(codec.layout(1, "float32"))  # one packed tensor per part name
+        decoded.append(InMemoryUpdate(client, CLIENTS[client], unpack(codec, parts, fed.upload_spec,
+                                                                      fed.config.wire_dtype)))
     before = decode_file(fed.latest_global().path)
     assert fed.aggregate_if_needed()
     after = decode_file(fed.latest_global().path)
@@ -260,18 +284,34 @@ def test_the_server_aggregates_the_decoded_updates(name: str, open_federation) -
     assert fed.history()[0]["train_loss"] == pytest.approx(1.5)
 
 
+def _first(codec, spec: dict[str, tuple[int, ...]], wire_dtype: str) -> SimpleNamespace:
+    """The first adapter tensor (sorted names) of a packed file: its slices of each packed part and its size."""
+    name = sorted(spec)[0]
+    return SimpleNamespace(slices=packed_layout(codec, spec, wire_dtype)[1][name], numel=math.prod(spec[name]))
+
+
 def _body_with(fed: Federation, change) -> bytes:
     codec = get_codec(fed.config)
     parts, _ = compress_with_feedback(codec, deltas(fed, 0), {}, fed.config.wire_dtype)
-    first = sorted(fed.spec)[0]
     metadata = {COMPRESSION_METADATA: codec.tag()}
-    change(parts, first, metadata)
+    change(parts, _first(codec, fed.upload_spec, fed.config.wire_dtype), metadata)
     return save(parts, metadata=metadata)
 
 
-def _set(part: str, index: int, value: float):
+def _set(part: str, index: int, value):
+    """Set entry ``index`` of the first tensor's slice of ``part`` (negative: from the slice's end) to ``value``
+    (a callable: of the first tensor's description)."""
     def change(parts, first, metadata):
-        parts[part_name(first, part)][index] = value
+        begin, end = first.slices[part]
+        assert end - begin > abs(index)
+        parts[part][(begin if index >= 0 else end) + index] = value(first) if callable(value) else value
+    return change
+
+
+def _flip_first(part: str):
+    def change(parts, first, metadata):
+        begin, end = first.slices[part]
+        parts[part][begin:end] = parts[part][begin:end].flip(0).clone()
     return change
 
 
@@ -279,27 +319,27 @@ BAD_UPLOADS = {
     "int8": [("NaN absmax", _set("absmax", 0, float("nan")), "NaN or infinite"),
              ("negative absmax", _set("absmax", 1, -1.0), "negative"),
              ("code -128", _set("q", 3, -128), "-128"),
-             ("one block too few", lambda p, f, m: p.__setitem__(part_name(f, "absmax"), p[part_name(f, "absmax")][1:]),
-              "has shape")],
+             ("one block too few", lambda p, f, m: p.__setitem__("absmax", p["absmax"][1:]), "has shape"),
+             ("an extra, per-tensor part", lambda p, f, m: p.__setitem__("base_model::q", p["q"][:4].clone()), "unexpected")],
     "nf4": [("infinite absmax", _set("absmax", 0, float("inf")), "NaN or infinite"),
-            ("a block too many", lambda p, f, m: p.__setitem__(part_name(f, "absmax"),
-                                                              torch.cat([p[part_name(f, "absmax")], torch.ones(1)])),
+            ("a block too many", lambda p, f, m: p.__setitem__("absmax", torch.cat([p["absmax"], torch.ones(1)])),
              "has shape"),
-            ("float32 codes", lambda p, f, m: p.__setitem__(part_name(f, "q"), p[part_name(f, "q")].float()),
-             "dtype")],
+            ("float32 codes", lambda p, f, m: p.__setitem__("q", p["q"].float()), "dtype")],
     "fp4": [("another codec's tag", lambda p, f, m: m.__setitem__(COMPRESSION_METADATA, "nf4/64"), "compression is"),
             ("no tag", lambda p, f, m: m.pop(COMPRESSION_METADATA), "compression is"),
-            ("a part missing", lambda p, f, m: p.pop(part_name(f, "absmax")), "missing")],
-    "topk": [("repeated index", lambda p, f, m: p[part_name(f, "idx")].__setitem__(1, p[part_name(f, "idx")][0]),
+            ("a part missing", lambda p, f, m: p.pop("absmax"), "missing")],
+    "topk": [("repeated index", lambda p, f, m: p["idx"].__setitem__(f.slices["idx"][0] + 1, p["idx"][f.slices["idx"][0]]),
               "repeat"),
              ("index past the tensor", _set("idx", -1, 10**6), "outside"),
+             # Inside the packed part's total but past its own tensor: the range is each tensor's, not the file's.
+             ("index past its own tensor", _set("idx", -1, lambda first: first.numel), "outside"),
              ("negative index", _set("idx", 0, -1), "outside"),
-             ("unordered", lambda p, f, m: p.__setitem__(part_name(f, "idx"), p[part_name(f, "idx")].flip(0)),
-              "increasing"),
+             ("unordered", _flip_first("idx"), "increasing"),
              ("NaN value", _set("val", 2, float("nan")), "NaN"),
+             ("int64 indices where int32 reach", lambda p, f, m: p.__setitem__("idx", p["idx"].long()), "dtype"),
              ("more values than the fraction", lambda p, f, m: p.update({
-                 part_name(f, "idx"): torch.arange(p[part_name(f, "idx")].numel() + 1, dtype=torch.int32),
-                 part_name(f, "val"): torch.zeros(p[part_name(f, "idx")].numel() + 1)}), "has shape")],
+                 "idx": torch.arange(p["idx"].numel() + 1, dtype=torch.int32),
+                 "val": torch.zeros(p["idx"].numel() + 1)}), "has shape")],
 }
 
 
@@ -331,13 +371,14 @@ def test_the_reader_decodes_one_tensor_at_a_time(open_federation, tmp_path: Path
     parts, _ = compress_with_feedback(codec, deltas(fed, 0), {}, "float32")
     path.write_bytes(encode_body(codec, parts, {}))
     assert validate_compressed_file(path, codec, fed.upload_spec, "float32") is not None
-    update = CompressedFileUpdate("alice", 10, {}, path, codec, fed.upload_spec)
-    reads: list[str] = []
-    original = update._file.get
-    update._file.get = lambda name, out=None: reads.append(name) or original(name, out)
+    update = CompressedFileUpdate("alice", 10, {}, path, codec, fed.upload_spec, "float32")
+    reads: list[tuple[str, int, int]] = []
+    original = update._file.get_range
+    update._file.get_range = lambda name, begin, end: reads.append((name, begin, end)) or original(name, begin, end)
     first = sorted(fed.spec)[0]
     assert update.get(first).shape == tuple(fed.spec[first])
-    assert reads == [part_name(first, "q"), part_name(first, "absmax")]
+    slices = _first(codec, fed.upload_spec, "float32").slices
+    assert reads == [("q", *slices["q"]), ("absmax", *slices["absmax"])]  # its slices only, not the packed whole
     with pytest.raises(WireError):
         validate_compressed_file(path, TopKCodec(0.1), fed.upload_spec, "float32")
     assert isinstance(codec, BlockwiseCodec) and get_algorithm("fedavg", fed.config).name == "fedavg"
@@ -432,6 +473,23 @@ def test_an_old_version_gets_its_compressed_global_when_first_asked(open_federat
     assert first == fed.served_global("compressed") and Path(first.path).is_file()
 
 
+def test_a_compressed_global_of_the_per_tensor_layout_is_rewritten_packed(open_federation) -> None:
+    """A state dir whose compressed global has two entries per adapter tensor (``"<tensor>::<part>"``, its record
+    without ``format``): the server serves the packed file instead, which the client's check accepts."""
+    fed = open_federation("int8")
+    codec = global_codec(fed.config)
+    exact, _ = load_state(fed.latest_global().state_path)
+    path, record = compressed_paths(fed.store, 0)
+    old = save({f"{k}::{p}": v for k, t in exact.items() for p, v in codec.encode(t, "float32").items()},
+               metadata={COMPRESSION_METADATA: codec.tag()})
+    path.write_bytes(old)
+    record.write_text(json.dumps({"sha256": hashlib.sha256(old).hexdigest(), "size": len(old)}))
+    served = fed.served_global("compressed")
+    assert Path(served.path).read_bytes() == encode_global(codec, exact) and served.sha256 == sha256_file(path)
+    assert json.loads(record.read_text())["format"] == 2 and fed.served_global("compressed") == served
+    assert read_compressed_global(path, codec, fed.spec).keys() == exact.keys()
+
+
 @pytest.mark.parametrize(("name", "encoding", "message"), [
     ("topk", "compressed", "serves its global dense only"), ("int8", "zip", "must be one of"),
     ("int8", "", "must be one of")])
@@ -492,11 +550,10 @@ HOSTILE_GLOBALS = [
     ("infinite scale", _set("absmax", 0, float("inf")), "NaN or infinite"),
     ("negative scale", _set("absmax", 1, -1.0), "negative"),
     ("bad code -128", _set("q", 0, -128), "-128"),
-    ("one block too few", lambda p, f, m: p.__setitem__(part_name(f, "absmax"), p[part_name(f, "absmax")][1:]),
-     "has shape"),
-    ("codes as float32", lambda p, f, m: p.__setitem__(part_name(f, "q"), p[part_name(f, "q")].float()), "dtype"),
-    ("a part missing", lambda p, f, m: p.pop(part_name(f, "q")), "missing"),
-    ("an extra tensor", lambda p, f, m: p.__setitem__("evil::q", torch.zeros(4, dtype=torch.int8)), "unexpected"),
+    ("one block too few", lambda p, f, m: p.__setitem__("absmax", p["absmax"][1:]), "has shape"),
+    ("codes as float32", lambda p, f, m: p.__setitem__("q", p["q"].float()), "dtype"),
+    ("a part missing", lambda p, f, m: p.pop("q"), "missing"),
+    ("an extra tensor", lambda p, f, m: p.__setitem__("evil", torch.zeros(4, dtype=torch.int8)), "unexpected"),
     ("another codec's tag", lambda p, f, m: m.__setitem__(COMPRESSION_METADATA, "int8/128"), "compression is"),
     ("no tag: a dense file", lambda p, f, m: m.pop(COMPRESSION_METADATA), "compression is"),
 ]
@@ -507,7 +564,7 @@ def hostile_global(fed: Federation, change) -> bytes:
     exact, _ = load_state(fed.latest_global().state_path)
     parts = encode_parts(codec, exact, "float32")
     metadata = {COMPRESSION_METADATA: codec.tag()}
-    change(parts, sorted(fed.spec)[0], metadata)
+    change(parts, _first(codec, fed.spec, "float32"), metadata)
     return save(parts, metadata=metadata)
 
 

@@ -18,6 +18,7 @@ from safetensors.torch import save
 
 from fedllm.wire import (
     MAX_HEADER_BYTES,
+    TensorFile,
     WireError,
     decode_file,
     encode,
@@ -108,6 +109,18 @@ def test_encode_without_metadata_and_noncontiguous(write) -> None:
     path = write(encode({"a": t, "b": torch.zeros(4)}))
     assert validate_tensors_file(path, EXPECTED, "float32") == {}
     assert torch.equal(decode_file(path)["a"], t)
+
+
+def test_a_range_reads_only_its_slice_of_a_tensor(write) -> None:
+    """TensorFile.get_range: entries [begin, end) of the flattened tensor, at its own offset; out of range is 400."""
+    a, b = torch.arange(6, dtype=torch.float32).reshape(2, 3), torch.arange(4, dtype=torch.int64) * 7
+    with TensorFile(write(save({"a": a, "b": b}))) as f:
+        assert torch.equal(f.get_range("a", 1, 5), a.reshape(-1)[1:5]) and torch.equal(f.get_range("b", 3, 4), b[3:])
+        assert f.get_range("a", 6, 6).numel() == 0
+        for begin, end in [(-1, 2), (2, 1), (0, 7)]:
+            with pytest.raises(WireError, match="outside") as info:
+                f.get_range("a", begin, end)
+            assert info.value.status == 400
 
 
 def test_hand_written_valid_file_passes(write) -> None:

@@ -1,8 +1,9 @@
-"""Update codecs: a dense float32 tensor ↔ a few named safetensors parts, and the checks a server runs on them.
+"""Update codecs: a dense float32 tensor ↔ a few named 1-D parts, and the checks a server runs on them.
 
-Every codec maps one tensor ``x`` (``n`` entries, flattened) to named *parts* that travel in the upload's
-safetensors file as ``"<tensor name>::<part>"``, with shapes fixed by ``n`` and the federation's settings,
-so the server knows each part's exact dtype and shape before it reads a byte (:meth:`Codec.layout`).
+Every codec maps one tensor ``x`` (``n`` entries, flattened) to named *parts* with dtypes and lengths fixed by
+``n`` and the federation's settings (:meth:`Codec.layout`), so the server knows each part's exact size before it
+reads a byte. In a file, each part name is one safetensors tensor: every adapter tensor's part concatenated in
+sorted name order (:mod:`.updates`).
 
 Blockwise absmax quantization (``int8``, ``nf4``, ``fp4``; bitsandbytes' ``quantize_blockwise`` /
 ``quantize_4bit`` layout): ``x`` is cut into ``B = --compression_block_size`` consecutive values (the
@@ -19,8 +20,8 @@ between neighbouring codes (:attr:`BlockwiseCodec.error_per_absmax`):
 
 the 4-bit codes packed two per byte, the first value in the high nibble (bitsandbytes' packing), ``⌈n/2⌉``
 bytes (part ``q``). ``topk``: the ``k = max(1, ⌈f·n⌉)`` entries of largest magnitude, ``f = --topk_fraction``,
-as strictly increasing int32 indices (part ``idx``) and their values in the wire dtype (part ``val``); the
-others decode to 0, so ``‖x − x̂‖² ≤ (1 − k/n)·‖x‖²`` (a contraction, which bounds error feedback's residual).
+as strictly increasing int32 indices (part ``idx``; int64 for a tensor past 2³¹ − 1 entries) and their
+values in the wire dtype (part ``val``); the others decode to 0, so ``‖x − x̂‖² ≤ (1 − k/n)·‖x‖²`` (a contraction, which bounds error feedback's residual).
 """
 
 from __future__ import annotations
@@ -34,8 +35,6 @@ import torch.nn.functional as F
 
 from ..wire import DTYPE_CODE, WIRE_DTYPES, WireError, all_finite
 
-PART_SEPARATOR = "::"
-
 # bitsandbytes.functional.get_4bit_type("nf4"): the NormalFloat4 table, in code order.
 NF4_CODE = (
     -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
@@ -48,10 +47,6 @@ FP4_CODE = tuple(v / 12.0 for v in (0.0, 0.0625, 8.0, 12.0, 4.0, 6.0, 2.0, 3.0,
 
 Parts = dict[str, torch.Tensor]
 Layout = dict[str, tuple[str, list[int]]]  # part -> (safetensors dtype code, shape)
-
-
-def part_name(tensor: str, part: str) -> str:
-    return f"{tensor}{PART_SEPARATOR}{part}"
 
 
 class Codec(ABC):

@@ -1,12 +1,19 @@
 """Compressed updates as files: the client's encoder with error feedback, the server's validator and reader.
 
-A compressed upload is an ordinary safetensors file whose tensors are the codec's parts
-(``"<adapter tensor>::<part>"``, :mod:`.codecs`) and whose metadata carries the client's metrics plus
-``compression`` (the codec and its settings, :meth:`~.codecs.Codec.tag`). The server checks it as strictly
-as a dense upload (:func:`validate_compressed_file`): the exact part names, dtypes and shapes (so block
-counts and lengths match), then each tensor's parts for what no encoder writes (non-finite or negative
-scales, indices out of range, repeated or unordered), one tensor at a time. Aggregation reads it through
-:class:`CompressedFileUpdate`, which decodes one tensor of one update at a time: the dense form of an
+A compressed upload is an ordinary safetensors file holding one *packed* tensor per part name of the codec
+(``q`` and ``absmax`` for the quantizers, ``idx`` and ``val`` for top-k; :mod:`.codecs`): each adapter tensor's
+part, concatenated in the sorted order of the federation's tensor names (:func:`packed_layout`). Blocks and
+indices stay per tensor -- tensor ``t`` is encoded on its own and its parts are slices ``[b_t, e_t)`` of the
+packed tensors -- so each tensor decodes from its slices alone, at the cost of at most one padded block (and
+one scale) per tensor. Few header entries instead of two per adapter tensor: on a small adapter the
+safetensors header would otherwise outweigh the compressed data. The metadata carries the client's metrics
+plus ``compression`` (the codec and its settings, :meth:`~.codecs.Codec.tag`).
+
+The server checks an upload as strictly as a dense one (:func:`validate_compressed_file`): the exact packed
+names, dtypes and total lengths (so block counts and ``k`` match for every tensor), then each tensor's slices for
+what no encoder writes (non-finite or negative scales, indices out of the tensor's range, repeated or unordered),
+one tensor at a time through ranged reads (:meth:`fedllm.wire.TensorFile.get_range`). Aggregation reads it
+through :class:`CompressedFileUpdate`, which decodes one tensor of one update at a time: the dense form of an
 update never exists whole on the server.
 
 Error feedback (Seide et al. 2014; Karimireddy et al. 2019, EF-SGD): a client sends ``C(Δ + e)`` and keeps
@@ -34,37 +41,71 @@ from safetensors.torch import save
 
 from ..algorithms.base import Tensors
 from ..threads import torch_threads
-from ..wire import TensorFile, WireError, parse_header
-from .codecs import PART_SEPARATOR, Codec, Layout, part_name
+from ..wire import KNOWN_DTYPE_SIZES, TORCH_DTYPES, TensorFile, WireError, parse_header
+from .codecs import Codec, Layout, Parts
 
 COMPRESSION_METADATA = "compression"
+# The file layout's version, recorded with each served compressed global (1: two entries per adapter tensor,
+# ``"<tensor>::<part>"``; 2: the packed parts): a server finding another rewrites the file from the master copy.
+COMPRESSED_FORMAT = 2
 RESIDUAL_PREFIX = "residual."  # error-feedback residuals in the client's state file
 
+Slices = dict[str, dict[str, tuple[int, int]]]  # tensor -> part -> [begin, end) in the packed part
 
-def expected_parts(codec: Codec, spec: Mapping[str, tuple[int, ...]], wire_dtype: str) -> dict[str, Layout]:
-    """tensor -> its parts' (dtype code, shape) for an update of ``spec``'s tensors."""
-    return {name: codec.layout(math.prod(shape), wire_dtype) for name, shape in spec.items()}
+
+def packed_layout(codec: Codec, spec: Mapping[str, tuple[int, ...]], wire_dtype: str) -> tuple[Layout, Slices]:
+    """The packed parts of an update of ``spec``'s tensors (part -> (dtype code, [total length])) and each
+    tensor's slice of every part, tensors in sorted name order. A part whose per-tensor dtype varies (top-k's
+    indices: int32, or int64 for a tensor past 2³¹ − 1 entries) is packed in the widest."""
+    codes: dict[str, str] = {}
+    ends: dict[str, int] = {}
+    slices: Slices = {}
+    for name in sorted(spec):
+        slices[name] = {}
+        for part, (code, shape) in codec.layout(math.prod(spec[name]), wire_dtype).items():
+            if part not in codes or KNOWN_DTYPE_SIZES[code] > KNOWN_DTYPE_SIZES[codes[part]]:
+                codes[part] = code
+            begin = ends.get(part, 0)
+            ends[part] = begin + math.prod(shape)
+            slices[name][part] = (begin, ends[part])
+    return {part: (codes[part], [ends[part]]) for part in codes}, slices
+
+
+def pack(codec: Codec, encoded: Mapping[str, Parts], spec: Mapping[str, tuple[int, ...]], wire_dtype: str) -> Tensors:
+    """Each tensor's parts (``encoded``: tensor -> its :meth:`Codec.encode`; ``spec``: the tensors' shapes) as the
+    packed parts of the file."""
+    layout, _ = packed_layout(codec, spec, wire_dtype)
+    return {part: torch.cat([encoded[name][part].reshape(-1).to(TORCH_DTYPES[code]) for name in sorted(encoded)])
+            for part, (code, _) in layout.items()}
+
+
+def unpack(codec: Codec, packed: Mapping[str, torch.Tensor], spec: Mapping[str, tuple[int, ...]],
+           wire_dtype: str) -> Tensors:
+    """The float32 tensors of in-memory packed parts (what the server reads from a file, slice by slice)."""
+    _, slices = packed_layout(codec, spec, wire_dtype)
+    return {name: codec.decode({part: packed[part][b:e] for part, (b, e) in slices[name].items()}, tuple(spec[name]))
+            for name in spec}
 
 
 def encode_parts(codec: Codec, tensors: Mapping[str, torch.Tensor], wire_dtype: str) -> Tensors:
-    """Every tensor's parts, under their wire names."""
-    return {part_name(name, part): value for name, tensor in tensors.items()
-            for part, value in codec.encode(tensor, wire_dtype).items()}
+    """The packed parts of ``tensors``."""
+    return pack(codec, {name: codec.encode(tensor, wire_dtype) for name, tensor in tensors.items()},
+                {name: tuple(tensor.shape) for name, tensor in tensors.items()}, wire_dtype)
 
 
 def compress_with_feedback(codec: Codec, delta: Mapping[str, torch.Tensor], residual: Mapping[str, torch.Tensor],
                            wire_dtype: str) -> tuple[Tensors, Tensors]:
-    """``(parts of C(Δ + e), e' = (Δ + e) − D(C(Δ + e)))`` tensor by tensor; a tensor without residual has e = 0."""
-    parts: Tensors = {}
+    """``(packed parts of C(Δ + e), e' = (Δ + e) − D(C(Δ + e)))`` tensor by tensor; a tensor without residual has
+    e = 0."""
+    encoded: dict[str, Parts] = {}
     new_residual: Tensors = {}
     for name, tensor in delta.items():
         corrected = tensor.detach().to("cpu", torch.float32)
         if name in residual:
             corrected = corrected + residual[name].to(torch.float32)
-        encoded = codec.encode(corrected, wire_dtype)
-        new_residual[name] = corrected - codec.decode(encoded, tuple(corrected.shape))
-        parts.update({part_name(name, part): value for part, value in encoded.items()})
-    return parts, new_residual
+        encoded[name] = codec.encode(corrected, wire_dtype)
+        new_residual[name] = corrected - codec.decode(encoded[name], tuple(corrected.shape))
+    return pack(codec, encoded, {name: tuple(tensor.shape) for name, tensor in delta.items()}, wire_dtype), new_residual
 
 
 def encode_body(codec: Codec, parts: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> bytes:
@@ -88,46 +129,44 @@ def validate_compressed_file(path: str | Path, codec: Codec, spec: Mapping[str, 
     """Validate a compressed file (an upload on the server, the served global on a client) against the federation's
     tensors; return its metadata.
 
-    400 for a malformed file; 422 for a codec tag, part names, dtypes or shapes that do not match, or parts
-    that no encoder writes (:meth:`Codec.check`).
+    400 for a malformed file; 422 for a codec tag, packed part names, dtypes or lengths that do not match, or a
+    tensor's slices that no encoder writes (:meth:`Codec.check`).
     """
     header, metadata = parse_header(path)
     if metadata.get(COMPRESSION_METADATA) != codec.tag():
         raise WireError(422, f"the file's compression is {metadata.get(COMPRESSION_METADATA)!r}; this federation's "
                              f"is {codec.tag()!r} (--update_compression, served by /v1/config)")
-    layouts = expected_parts(codec, spec, wire_dtype)
-    expected = {part_name(name, part): info for name, layout in layouts.items() for part, info in layout.items()}
+    expected, slices = packed_layout(codec, spec, wire_dtype)
     missing = sorted(set(expected) - set(header))
     extra = sorted(set(header) - set(expected))
     if missing or extra:
-        raise WireError(422, f"compressed tensor parts do not match the global adapter: missing {missing[:5]}, "
-                             f"unexpected {extra[:5]}" + (" ..." if len(missing) > 5 or len(extra) > 5 else ""))
-    for name, (code, shape) in expected.items():
-        info = header[name]
+        raise WireError(422, f"compressed parts do not match the codec's: missing {missing}, "
+                             f"unexpected {extra[:5]}" + (" ..." if len(extra) > 5 else ""))
+    for part, (code, shape) in expected.items():
+        info = header[part]
         if info["dtype"] != code:
-            raise WireError(422, f"part {name!r} has dtype {info['dtype']}, {codec.name} writes {code}")
+            raise WireError(422, f"part {part!r} has dtype {info['dtype']}, {codec.name} writes {code}")
         if info["shape"] != shape:
-            raise WireError(422, f"part {name!r} has shape {info['shape']}, expected {shape} "
-                                 f"({codec.tag()} of {list(spec[name.split(PART_SEPARATOR)[0]])})")
+            raise WireError(422, f"part {part!r} has shape {info['shape']}, expected {shape} "
+                                 f"({codec.tag()} of the adapter's {len(spec)} tensors, packed)")
     try:
         with safe_open(str(path), framework="pt"):
             pass  # the library's own header checks, beyond the ones above
     except SafetensorError as exc:
         raise WireError(400, f"not a valid safetensors file: {exc}") from None
     with TensorFile(path) as f, torch_threads(1):
-        for name, layout in layouts.items():
-            codec.check(name, {part: f.get(part_name(name, part)) for part in layout}, math.prod(spec[name]))
+        for name, ranges in slices.items():
+            codec.check(name, read_slices(f, ranges), math.prod(spec[name]))
     return metadata
 
 
-def decode_tensor(file: TensorFile, codec: Codec, parts: Iterable[str], name: str,
-                  shape: tuple[int, ...]) -> torch.Tensor:
-    """The float32 tensor ``name`` of a validated compressed file, decoded from its parts."""
-    return codec.decode({part: file.get(part_name(name, part)) for part in parts}, shape)
+def read_slices(file: TensorFile, ranges: Mapping[str, tuple[int, int]]) -> Parts:
+    """One tensor's parts, read from their slices of a validated packed file."""
+    return {part: file.get_range(part, begin, end) for part, (begin, end) in ranges.items()}
 
 
 def encode_global(codec: Codec, tensors: Mapping[str, torch.Tensor]) -> bytes:
-    """The served global ``C(g)``: every tensor's parts, ``compression`` the file's only metadata key (safetensors
+    """The served global ``C(g)``: the packed parts, ``compression`` the file's only metadata key (safetensors
     writes its metadata map in hash order, so a second key would change the bytes, and the ETag, between writes)."""
     return encode_body(codec, encode_parts(codec, tensors, "float32"), {})
 
@@ -136,9 +175,9 @@ def read_compressed_global(path: str | Path, codec: Codec, spec: Mapping[str, tu
     """``ĝ = D(C(g))`` from a served compressed global, once :func:`validate_compressed_file` accepted it (the
     server's check of an upload: a client trusts a server no more than a server trusts a client)."""
     validate_compressed_file(path, codec, spec, "float32")
-    names = list(codec.layout(1, "float32"))
+    _, slices = packed_layout(codec, spec, "float32")
     with TensorFile(path) as f, torch_threads(1):
-        return {name: decode_tensor(f, codec, names, name, tuple(shape)) for name, shape in spec.items()}
+        return {name: codec.decode(read_slices(f, slices[name]), tuple(shape)) for name, shape in spec.items()}
 
 
 class CompressedFileUpdate:
@@ -148,17 +187,17 @@ class CompressedFileUpdate:
     """
 
     def __init__(self, client_id: str, num_samples: int, metrics: Mapping[str, float], path: str | Path,
-                 codec: Codec, spec: Mapping[str, tuple[int, ...]]):
+                 codec: Codec, spec: Mapping[str, tuple[int, ...]], wire_dtype: str):
         self.client_id = client_id
         self.num_samples = num_samples
         self.metrics = metrics
         self.codec = codec
         self.spec = spec
         self._file = TensorFile(path)
-        self._parts = list(codec.layout(1, "float32"))  # the part names; they do not depend on the size
+        _, self._slices = packed_layout(codec, spec, wire_dtype)
 
     def get(self, name: str) -> torch.Tensor:
-        return decode_tensor(self._file, self.codec, self._parts, name, tuple(self.spec[name]))
+        return self.codec.decode(read_slices(self._file, self._slices[name]), tuple(self.spec[name]))
 
     def names(self) -> Iterable[str]:
         return self.spec.keys()
@@ -169,6 +208,7 @@ def compressed_validator(codec: Codec, spec: Mapping[str, tuple[int, ...]], wire
     return lambda path: validate_compressed_file(path, codec, spec, wire_dtype)
 
 
-def compressed_reader(codec: Codec, spec: Mapping[str, tuple[int, ...]]):
+def compressed_reader(codec: Codec, spec: Mapping[str, tuple[int, ...]], wire_dtype: str):
     """How the server opens an accepted update row for aggregation (the round engine's ``open_update``)."""
-    return lambda row, path: CompressedFileUpdate(row.client_id, row.num_samples, row.metrics, path, codec, spec)
+    return lambda row, path: CompressedFileUpdate(row.client_id, row.num_samples, row.metrics, path, codec, spec,
+                                                  wire_dtype)

@@ -119,7 +119,7 @@ class Federation:
         codec = get_codec(self.config)
         if codec is not None:
             return (compressed_validator(codec, self.upload_spec, self.config.wire_dtype),
-                    compressed_reader(codec, self.upload_spec))
+                    compressed_reader(codec, self.upload_spec, self.config.wire_dtype))
         own = self.algorithm.upload_format(self.upload_spec, self.config.wire_dtype, self.config.max_steps)
         return own if own is not None else (None, FileUpdate)
 

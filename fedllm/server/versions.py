@@ -9,8 +9,9 @@ export that ``PeftModel.from_pretrained`` loads.
 
 With a quantizer ``--update_compression`` (int8, nf4, fp4) a version has a third file, the served global quantized
 with the same codec from the float32 master copy (``globals/v00000v.compressed.safetensors``, what
-``GET /v1/global?encoding=compressed`` sends), and its sha256 and size in ``v00000v.compressed.json``: both written
-atomically, file first, before any row points to the version, so the ETag is computed once per version.
+``GET /v1/global?encoding=compressed`` sends), and its sha256, size and file format in ``v00000v.compressed.json``:
+both written atomically, file first, before any row points to the version, so the ETag is computed once per
+version (and once more if a server with another format serves it).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from ..adapter import save_peft_adapter
 from ..algorithms import FedAlgorithm
 from ..algorithms.base import Tensors
 from ..compression.codecs import Codec
-from ..compression.updates import encode_global
+from ..compression.updates import COMPRESSED_FORMAT, encode_global
 from ..faults import fault_point
 from ..fsutil import atomic_write, atomic_write_bytes, fsync_dir, fsync_tree
 from ..wire import DTYPE_CODE, WIRE_DTYPES, TensorFile, sha256_file
@@ -73,7 +74,8 @@ def write_compressed(store: Store, codec: Codec, algorithm: FedAlgorithm, versio
     path, record = compressed_paths(store, version)
     atomic_write_bytes(path, encode_global(codec, served))
     row = ServedGlobal(version, sha256_file(path), str(path), path.stat().st_size)
-    atomic_write_bytes(record, json.dumps({"sha256": row.sha256, "size": row.size}).encode())
+    atomic_write_bytes(record, json.dumps({"sha256": row.sha256, "size": row.size,
+                                           "format": COMPRESSED_FORMAT}).encode())
     return row
 
 
@@ -166,10 +168,12 @@ class GlobalVersions:
         path, record = compressed_paths(self.store, row.version)
         try:
             found = json.loads(record.read_text())
-            return ServedGlobal(row.version, found["sha256"], str(path), found["size"])
         except FileNotFoundError:  # a version written before this server served compressed globals
-            adapter, state = self.load(row)
-            return write_compressed(self.store, self.codec, self.algorithm, row.version, adapter, state)
+            found = {}
+        if found.get("format") == COMPRESSED_FORMAT:
+            return ServedGlobal(row.version, found["sha256"], str(path), found["size"])
+        adapter, state = self.load(row)  # none yet, or an older layout (per-tensor parts): written afresh
+        return write_compressed(self.store, self.codec, self.algorithm, row.version, adapter, state)
 
     def load(self, row: GlobalRow) -> tuple[Tensors, Tensors]:
         return load_state(self.store.resolve(row.state_path))
