@@ -58,18 +58,18 @@ class ModelNotFoundError(ValueError):
 # the duration of the load (initialization.no_tie_weights). Two threads loading at once can each restore the
 # other's swap, leaving tying off for the whole process: every later tied model (GPT-2's LM head) comes out
 # untied. Every model this package builds goes through this lock.
-_MODEL_BUILD_LOCK = threading.RLock()
+MODEL_BUILD_LOCK = threading.RLock()
 
 
 def load_causal_lm(model_name_or_path: str | Path, **kwargs) -> PreTrainedModel:
-    """``AutoModelForCausalLM.from_pretrained``, one thread of the process at a time (see _MODEL_BUILD_LOCK)."""
-    with _MODEL_BUILD_LOCK:
+    """``AutoModelForCausalLM.from_pretrained``, one thread of the process at a time (see MODEL_BUILD_LOCK)."""
+    with MODEL_BUILD_LOCK:
         return AutoModelForCausalLM.from_pretrained(model_name_or_path, **kwargs)
 
 
 def causal_lm_from_config(model_config: PretrainedConfig, **kwargs) -> PreTrainedModel:
     """``AutoModelForCausalLM.from_config`` (its post_init ties weights), under the same lock."""
-    with _MODEL_BUILD_LOCK:
+    with MODEL_BUILD_LOCK:
         return AutoModelForCausalLM.from_config(model_config, **kwargs)
 
 
